@@ -1,0 +1,739 @@
+//! The operator's `slate.toml`: typed configuration, parsed and validated with file:line:column errors.
+//!
+//! Parsing is pure: secrets are referenced by file or environment variable name here and
+//! read by the server at startup, so nothing in this module touches the disk.
+
+use crate::duration::{parse_duration, parse_size};
+use serde::Deserialize;
+use serde_spanned::Spanned;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One configuration problem, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key path, e.g. `pool[0].limits.memory`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: key `{}`: {}",
+            self.file, self.line, self.column, self.key, self.message
+        )
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub github: Option<GithubConfig>,
+    pub repos: Vec<RepoConfig>,
+    pub pools: Vec<PoolConfig>,
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// `sqlite://…` or `postgres://…`; `None` means SQLite in `data_dir`.
+    pub database: Option<String>,
+    /// The `slate-agent` binary put into workers; `None` means next to the `slate` binary.
+    pub agent_binary: Option<PathBuf>,
+    /// Base URL used for links in statuses (defaults to `http://<listen>`).
+    pub public_url: Option<String>,
+}
+
+/// Where a secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GithubConfig {
+    pub api_url: String,
+    pub webhook_secret: Option<SecretSource>,
+    pub token: Option<SecretSource>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkout {
+    /// Build the merge of the PR head into its base (default).
+    Merge,
+    /// Build the PR head as is.
+    Head,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepoConfig {
+    pub name: String,
+    pub url: String,
+    pub pipeline: String,
+    pub checkout: Checkout,
+    /// Branches whose pushes are built (trusted builds).
+    pub branches: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    Sandbox,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// Loopback only.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+    /// CPU quota in cores (e.g. 1.5).
+    pub cpus: Option<f64>,
+    /// Wall-time limit of the whole job.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub provider: ProviderKind,
+    pub image: PathBuf,
+    pub max_jobs: u32,
+    pub limits: Limits,
+    pub network: Network,
+    /// OCI runtime binary (`runc`, `crun`, `runsc`…).
+    pub runtime: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepConfig {
+    pub name: String,
+    pub run: String,
+    pub timeout: Option<Duration>,
+    /// Events the step runs for; empty means every event except that `deploy`-like
+    /// filters are explicit: `on = ["push"]` never runs for a pull request.
+    pub on: Vec<String>,
+    pub allow_failure: bool,
+    pub env: BTreeMap<String, String>,
+}
+
+impl StepConfig {
+    /// Whether the step runs for a build triggered by `event` (`pull_request`, `push`, `manual`).
+    /// A manual submit of a branch counts as a push of that branch.
+    pub fn runs_for(&self, event: &str) -> bool {
+        if self.on.is_empty() {
+            return true;
+        }
+        self.on
+            .iter()
+            .any(|e| e == event || (event == "manual" && e == "push"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineConfig {
+    pub name: String,
+    pub pools: Vec<String>,
+    /// Glob patterns; when non-empty, a change needs a build only if a changed file matches.
+    pub paths: Vec<String>,
+    pub steps: Vec<StepConfig>,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Config {
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+    pub fn repo(&self, name: &str) -> Option<&RepoConfig> {
+        self.repos.iter().find(|r| r.name.eq_ignore_ascii_case(name))
+    }
+    pub fn pipeline(&self, name: &str) -> Option<&PipelineConfig> {
+        self.pipelines.iter().find(|p| p.name == name)
+    }
+
+    /// Parse and validate `text`, which was read from `file` (used in error messages).
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let (line, column) = line_col(text, span.start);
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: file.to_string(),
+                    line,
+                    column,
+                    key: key_at(text, &span),
+                    message: e.message().trim().to_string(),
+                }]));
+            }
+        };
+        let mut v = Validator {
+            text,
+            file,
+            errors: Vec::new(),
+        };
+        let config = v.config(raw);
+        if v.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(v.errors))
+        }
+    }
+}
+
+// ---- raw shapes, as written in the file ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: Option<RawServer>,
+    github: Option<RawGithub>,
+    #[serde(default)]
+    repo: Vec<RawRepo>,
+    #[serde(default)]
+    pool: Vec<RawPool>,
+    #[serde(default)]
+    pipeline: Vec<RawPipeline>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<String>>,
+    data_dir: Option<PathBuf>,
+    database: Option<Spanned<String>>,
+    agent_binary: Option<PathBuf>,
+    public_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGithub {
+    api_url: Option<Spanned<String>>,
+    webhook_secret_file: Option<PathBuf>,
+    webhook_secret_env: Option<String>,
+    token_file: Option<PathBuf>,
+    token_env: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepo {
+    name: Spanned<String>,
+    url: String,
+    pipeline: Spanned<String>,
+    checkout: Option<Spanned<String>>,
+    #[serde(default)]
+    branches: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Spanned<String>,
+    provider: Option<Spanned<String>>,
+    image: PathBuf,
+    max_jobs: Option<Spanned<i64>>,
+    limits: Option<RawLimits>,
+    network: Option<Spanned<String>>,
+    runtime: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory: Option<Spanned<String>>,
+    pids: Option<Spanned<i64>>,
+    cpus: Option<Spanned<f64>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: Spanned<String>,
+    pools: Vec<Spanned<String>>,
+    #[serde(default)]
+    paths: Vec<Spanned<String>>,
+    #[serde(default)]
+    steps: Vec<RawStep>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: String,
+    run: String,
+    timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    on: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_failure: bool,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+const EVENTS: [&str; 3] = ["pull_request", "push", "manual"];
+
+struct Validator<'a> {
+    text: &'a str,
+    file: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn err(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let server = match raw.server {
+            Some(s) => {
+                let listen = match s.listen {
+                    Some(l) => {
+                        if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
+                            self.err(
+                                l.span(),
+                                "server.listen",
+                                format!(
+                                    "expected an address like \"127.0.0.1:8080\", found {:?}",
+                                    l.get_ref()
+                                ),
+                            );
+                        }
+                        l.into_inner()
+                    }
+                    None => "127.0.0.1:8080".to_string(),
+                };
+                if let Some(db) = &s.database {
+                    let d = db.get_ref();
+                    if !(d.starts_with("sqlite:") || d.starts_with("postgres://") || d.starts_with("postgresql://")) {
+                        self.err(db.span(), "server.database", format!("expected a \"sqlite:…\" or \"postgres://…\" URL, found {d:?}"));
+                    }
+                }
+                ServerConfig {
+                    listen,
+                    data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/slate")),
+                    database: s.database.map(Spanned::into_inner),
+                    agent_binary: s.agent_binary,
+                    public_url: s.public_url.map(|u| u.trim_end_matches('/').to_string()),
+                }
+            }
+            None => ServerConfig {
+                listen: "127.0.0.1:8080".into(),
+                data_dir: PathBuf::from("/var/lib/slate"),
+                database: None,
+                agent_binary: None,
+                public_url: None,
+            },
+        };
+
+        let github = raw.github.map(|g| {
+            let api_url = match g.api_url {
+                Some(u) => {
+                    let s = u.get_ref();
+                    if !(s.starts_with("http://") || s.starts_with("https://")) {
+                        self.err(u.span(), "github.api_url", format!("expected an http(s) URL, found {s:?}"));
+                    }
+                    u.into_inner().trim_end_matches('/').to_string()
+                }
+                None => "https://api.github.com".into(),
+            };
+            GithubConfig {
+                api_url,
+                webhook_secret: g
+                    .webhook_secret_file
+                    .map(SecretSource::File)
+                    .or(g.webhook_secret_env.map(SecretSource::Env)),
+                token: g
+                    .token_file
+                    .map(SecretSource::File)
+                    .or(g.token_env.map(SecretSource::Env)),
+            }
+        });
+
+        let mut pools = Vec::new();
+        let mut pool_names = HashSet::new();
+        for (i, p) in raw.pool.into_iter().enumerate() {
+            let key = |k: &str| format!("pool[{i}].{k}");
+            if !valid_name(p.name.get_ref()) {
+                self.err(p.name.span(), key("name"), format!("expected a name of letters, digits, '-', '_' or '.', found {:?}", p.name.get_ref()));
+            }
+            if !pool_names.insert(p.name.get_ref().clone()) {
+                self.err(p.name.span(), key("name"), format!("pool {:?} is defined twice", p.name.get_ref()));
+            }
+            let provider = match &p.provider {
+                None => ProviderKind::Sandbox,
+                Some(s) if s.get_ref() == "sandbox" => ProviderKind::Sandbox,
+                Some(s) => {
+                    self.err(s.span(), key("provider"), format!("expected \"sandbox\", found {:?}", s.get_ref()));
+                    ProviderKind::Sandbox
+                }
+            };
+            let network = match &p.network {
+                None => Network::None,
+                Some(s) if s.get_ref() == "none" => Network::None,
+                Some(s) => {
+                    self.err(s.span(), key("network"), format!("expected \"none\", found {:?}", s.get_ref()));
+                    Network::None
+                }
+            };
+            let max_jobs = match &p.max_jobs {
+                None => 1,
+                Some(m) if *m.get_ref() >= 1 && *m.get_ref() <= 10_000 => *m.get_ref() as u32,
+                Some(m) => {
+                    self.err(m.span(), key("max_jobs"), format!("expected a number from 1 to 10000, found {}", m.get_ref()));
+                    1
+                }
+            };
+            let mut limits = Limits {
+                memory_bytes: None,
+                pids: None,
+                cpus: None,
+                timeout: Duration::from_secs(2 * 3600),
+            };
+            if let Some(l) = p.limits {
+                if let Some(m) = l.memory {
+                    match parse_size(m.get_ref()) {
+                        Ok(b) if b >= 4 << 20 => limits.memory_bytes = Some(b),
+                        Ok(_) => self.err(m.span(), key("limits.memory"), "expected at least 4MiB"),
+                        Err(e) => self.err(m.span(), key("limits.memory"), e),
+                    }
+                }
+                if let Some(n) = l.pids {
+                    if *n.get_ref() < 1 {
+                        self.err(n.span(), key("limits.pids"), format!("expected a positive number, found {}", n.get_ref()));
+                    } else {
+                        limits.pids = Some(*n.get_ref() as u64);
+                    }
+                }
+                if let Some(c) = l.cpus {
+                    if !(*c.get_ref() > 0.0) {
+                        self.err(c.span(), key("limits.cpus"), format!("expected a positive number of cores, found {}", c.get_ref()));
+                    } else {
+                        limits.cpus = Some(*c.get_ref());
+                    }
+                }
+                if let Some(t) = l.timeout {
+                    match parse_duration(t.get_ref()) {
+                        Ok(d) if !d.is_zero() => limits.timeout = d,
+                        Ok(_) => self.err(t.span(), key("limits.timeout"), "expected a duration above zero"),
+                        Err(e) => self.err(t.span(), key("limits.timeout"), e),
+                    }
+                }
+            }
+            pools.push(PoolConfig {
+                name: p.name.into_inner(),
+                provider,
+                image: p.image,
+                max_jobs,
+                limits,
+                network,
+                runtime: p.runtime.unwrap_or_else(|| "runc".into()),
+            });
+        }
+
+        let mut pipelines = Vec::new();
+        let mut pipeline_names = HashSet::new();
+        for (i, p) in raw.pipeline.into_iter().enumerate() {
+            let key = |k: &str| format!("pipeline[{i}].{k}");
+            if !pipeline_names.insert(p.name.get_ref().clone()) {
+                self.err(p.name.span(), key("name"), format!("pipeline {:?} is defined twice", p.name.get_ref()));
+            }
+            if p.pools.is_empty() {
+                self.err(p.name.span(), key("pools"), "expected at least one pool");
+            }
+            for pool in &p.pools {
+                if !pool_names.contains(pool.get_ref()) {
+                    self.err(pool.span(), key("pools"), format!("no [[pool]] is named {:?}", pool.get_ref()));
+                }
+            }
+            for pat in &p.paths {
+                if let Err(e) = globset::Glob::new(pat.get_ref()) {
+                    self.err(pat.span(), key("paths"), format!("invalid glob {:?}: {e}", pat.get_ref()));
+                }
+            }
+            let mut steps = Vec::new();
+            for (j, s) in p.steps.into_iter().enumerate() {
+                let skey = |k: &str| format!("pipeline[{i}].steps[{j}].{k}");
+                let timeout = match s.timeout {
+                    None => None,
+                    Some(t) => match parse_duration(t.get_ref()) {
+                        Ok(d) if !d.is_zero() => Some(d),
+                        Ok(_) => {
+                            self.err(t.span(), skey("timeout"), "expected a duration above zero");
+                            None
+                        }
+                        Err(e) => {
+                            self.err(t.span(), skey("timeout"), e);
+                            None
+                        }
+                    },
+                };
+                for ev in &s.on {
+                    if !EVENTS.contains(&ev.get_ref().as_str()) {
+                        self.err(ev.span(), skey("on"), format!("expected one of \"pull_request\", \"push\", \"manual\", found {:?}", ev.get_ref()));
+                    }
+                }
+                steps.push(StepConfig {
+                    name: s.name,
+                    run: s.run,
+                    timeout,
+                    on: s.on.into_iter().map(Spanned::into_inner).collect(),
+                    allow_failure: s.allow_failure,
+                    env: s.env,
+                });
+            }
+            if steps.is_empty() {
+                self.err(p.name.span(), key("steps"), "expected at least one step");
+            }
+            pipelines.push(PipelineConfig {
+                name: p.name.into_inner(),
+                pools: p.pools.into_iter().map(Spanned::into_inner).collect(),
+                paths: p.paths.into_iter().map(Spanned::into_inner).collect(),
+                steps,
+                env: p.env,
+            });
+        }
+
+        let mut repos = Vec::new();
+        for (i, r) in raw.repo.into_iter().enumerate() {
+            let key = |k: &str| format!("repo[{i}].{k}");
+            let n = r.name.get_ref();
+            let parts: Vec<&str> = n.split('/').collect();
+            if parts.len() != 2 || !parts.iter().all(|p| valid_name(p)) {
+                self.err(r.name.span(), key("name"), format!("expected \"owner/name\", found {n:?}"));
+            }
+            if !pipeline_names.contains(r.pipeline.get_ref()) {
+                self.err(r.pipeline.span(), key("pipeline"), format!("no [[pipeline]] is named {:?}", r.pipeline.get_ref()));
+            }
+            let checkout = match &r.checkout {
+                None => Checkout::Merge,
+                Some(c) if c.get_ref() == "merge" => Checkout::Merge,
+                Some(c) if c.get_ref() == "head" => Checkout::Head,
+                Some(c) => {
+                    self.err(c.span(), key("checkout"), format!("expected \"merge\" or \"head\", found {:?}", c.get_ref()));
+                    Checkout::Merge
+                }
+            };
+            repos.push(RepoConfig {
+                name: r.name.into_inner(),
+                url: r.url,
+                pipeline: r.pipeline.into_inner(),
+                checkout,
+                branches: r.branches,
+            });
+        }
+
+        Config {
+            server,
+            github,
+            repos,
+            pools,
+            pipelines,
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 100
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s != "."
+        && s != ".."
+}
+
+/// 1-based line and column of byte offset `pos`.
+fn line_col(text: &str, pos: usize) -> (usize, usize) {
+    let pos = pos.min(text.len());
+    let before = &text[..pos];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, col)
+}
+
+/// Best-effort dotted key for a TOML parser error: the enclosing table header plus the
+/// key the span sits on (or whose value it sits in).
+fn key_at(text: &str, span: &Range<usize>) -> String {
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_end = text[start..].find('\n').map(|i| start + i).unwrap_or(text.len());
+    let line = &text[line_start..line_end];
+    let upto = &text[line_start..start];
+    // The key is the identifier before the nearest '=' left of the span, or the span itself.
+    let span_text = text[start..span.end.min(text.len()).max(start)].trim();
+    let key = if let Some(eq) = upto.rfind('=') {
+        upto[..eq]
+            .trim_end()
+            .rsplit(|c: char| c == '{' || c == ',' || c.is_whitespace())
+            .next()
+            .unwrap_or("")
+            .to_string()
+    } else if !span_text.is_empty() && !span_text.starts_with('[') {
+        span_text.trim_matches('"').to_string()
+    } else {
+        line.split('=').next().unwrap_or("").trim().to_string()
+    };
+    let header = text[..line_start]
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('['))
+        .map(|l| l.trim().trim_matches(|c| c == '[' || c == ']').to_string());
+    match (header, key.is_empty()) {
+        (Some(h), false) if !line.trim_start().starts_with('[') => format!("{h}.{key}"),
+        (Some(h), true) => h,
+        (_, _) => key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const EXAMPLE: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+data_dir = "/var/lib/slate"
+
+[github]
+api_url = "https://api.github.com"
+webhook_secret_file = "/etc/slate/webhook-secret"
+token_file = "/etc/slate/github-token"
+
+[[repo]]
+name = "owner/name"
+url = "https://github.com/owner/name.git"
+pipeline = "default"
+
+[[pool]]
+name = "bookworm"
+provider = "sandbox"
+image = "/srv/slate/images/bookworm"
+max_jobs = 2
+limits = { memory = "4GiB", pids = 4096, timeout = "2h" }
+
+[[pipeline]]
+name = "default"
+pools = ["bookworm"]
+steps = [
+  { name = "build", run = "make -j2 && make check", timeout = "1h" },
+  { name = "deploy", run = "./deploy.sh", on = ["push"] },
+]
+"#;
+
+    #[test]
+    fn example_from_the_issue_parses() {
+        let c = Config::parse(EXAMPLE, "slate.toml").unwrap();
+        assert_eq!(c.pools[0].max_jobs, 2);
+        assert_eq!(c.pools[0].limits.memory_bytes, Some(4 << 30));
+        assert_eq!(c.pools[0].limits.pids, Some(4096));
+        assert_eq!(c.pools[0].limits.timeout, Duration::from_secs(7200));
+        assert_eq!(c.pipelines[0].steps[0].timeout, Some(Duration::from_secs(3600)));
+        assert!(!c.pipelines[0].steps[1].runs_for("pull_request"));
+        assert!(c.pipelines[0].steps[1].runs_for("push"));
+        assert!(c.pipelines[0].steps[1].runs_for("manual"));
+        assert!(c.pipelines[0].steps[0].runs_for("pull_request"));
+        assert_eq!(c.repos[0].checkout, Checkout::Merge);
+        assert_eq!(
+            c.github.unwrap().webhook_secret,
+            Some(SecretSource::File("/etc/slate/webhook-secret".into()))
+        );
+    }
+
+    #[test]
+    fn typo_in_key_names_line_and_key() {
+        let text = EXAMPLE.replace("max_jobs = 2", "max_jbos = 2");
+        let e = Config::parse(&text, "slate.toml").unwrap_err();
+        let e = &e.0[0];
+        assert_eq!(e.line, 20, "{e}");
+        assert!(e.message.contains("unknown field `max_jbos`"), "{e}");
+        assert!(e.key.contains("max_jbos"), "{e}");
+        assert!(e.to_string().starts_with("slate.toml:20:"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_line_key_and_expectation() {
+        let text = EXAMPLE.replace("memory = \"4GiB\"", "memory = \"4 gigs\"");
+        let e = Config::parse(&text, "slate.toml").unwrap_err();
+        let e = &e.0[0];
+        assert_eq!((e.line, e.key.as_str()), (21, "pool[0].limits.memory"), "{e}");
+        assert!(e.message.contains("expected"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_located() {
+        let text = EXAMPLE.replace("max_jobs = 2", "max_jobs = \"two\"");
+        let e = Config::parse(&text, "slate.toml").unwrap_err();
+        let e = &e.0[0];
+        assert_eq!(e.line, 20, "{e}");
+        assert!(e.key.ends_with("max_jobs"), "{e}");
+    }
+
+    #[test]
+    fn unknown_pool_reference() {
+        let text = EXAMPLE.replace("pools = [\"bookworm\"]", "pools = [\"bullseye\"]");
+        let e = Config::parse(&text, "slate.toml").unwrap_err();
+        assert_eq!(e.0[0].key, "pipeline[0].pools");
+        assert_eq!(e.0[0].line, 25);
+        assert!(e.0[0].message.contains("bullseye"));
+    }
+
+    #[test]
+    fn unknown_event_in_on() {
+        let text = EXAMPLE.replace("on = [\"push\"]", "on = [\"pr\"]");
+        let e = Config::parse(&text, "slate.toml").unwrap_err();
+        assert_eq!(e.0[0].key, "pipeline[0].steps[1].on");
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let e = Config::parse("[server]\nlisten = \n", "x.toml").unwrap_err();
+        assert_eq!(e.0[0].line, 2);
+    }
+
+    #[test]
+    fn empty_config_has_defaults() {
+        let c = Config::parse("", "x.toml").unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert!(c.github.is_none());
+    }
+}
