@@ -175,7 +175,9 @@ impl Config {
         self.pools.iter().find(|p| p.name == name)
     }
     pub fn repo(&self, name: &str) -> Option<&RepoConfig> {
-        self.repos.iter().find(|r| r.name.eq_ignore_ascii_case(name))
+        self.repos
+            .iter()
+            .find(|r| r.name.eq_ignore_ascii_case(name))
     }
     pub fn pipeline(&self, name: &str) -> Option<&PipelineConfig> {
         self.pipelines.iter().find(|p| p.name == name)
@@ -346,13 +348,22 @@ impl Validator<'_> {
                 };
                 if let Some(db) = &s.database {
                     let d = db.get_ref();
-                    if !(d.starts_with("sqlite:") || d.starts_with("postgres://") || d.starts_with("postgresql://")) {
-                        self.err(db.span(), "server.database", format!("expected a \"sqlite:…\" or \"postgres://…\" URL, found {d:?}"));
+                    if !(d.starts_with("sqlite:")
+                        || d.starts_with("postgres://")
+                        || d.starts_with("postgresql://"))
+                    {
+                        self.err(
+                            db.span(),
+                            "server.database",
+                            format!("expected a \"sqlite:…\" or \"postgres://…\" URL, found {d:?}"),
+                        );
                     }
                 }
                 ServerConfig {
                     listen,
-                    data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/slate")),
+                    data_dir: s
+                        .data_dir
+                        .unwrap_or_else(|| PathBuf::from("/var/lib/slate")),
                     database: s.database.map(Spanned::into_inner),
                     agent_binary: s.agent_binary,
                     public_url: s.public_url.map(|u| u.trim_end_matches('/').to_string()),
@@ -372,7 +383,11 @@ impl Validator<'_> {
                 Some(u) => {
                     let s = u.get_ref();
                     if !(s.starts_with("http://") || s.starts_with("https://")) {
-                        self.err(u.span(), "github.api_url", format!("expected an http(s) URL, found {s:?}"));
+                        self.err(
+                            u.span(),
+                            "github.api_url",
+                            format!("expected an http(s) URL, found {s:?}"),
+                        );
                     }
                     u.into_inner().trim_end_matches('/').to_string()
                 }
@@ -396,16 +411,31 @@ impl Validator<'_> {
         for (i, p) in raw.pool.into_iter().enumerate() {
             let key = |k: &str| format!("pool[{i}].{k}");
             if !valid_name(p.name.get_ref()) {
-                self.err(p.name.span(), key("name"), format!("expected a name of letters, digits, '-', '_' or '.', found {:?}", p.name.get_ref()));
+                self.err(
+                    p.name.span(),
+                    key("name"),
+                    format!(
+                        "expected a name of letters, digits, '-', '_' or '.', found {:?}",
+                        p.name.get_ref()
+                    ),
+                );
             }
             if !pool_names.insert(p.name.get_ref().clone()) {
-                self.err(p.name.span(), key("name"), format!("pool {:?} is defined twice", p.name.get_ref()));
+                self.err(
+                    p.name.span(),
+                    key("name"),
+                    format!("pool {:?} is defined twice", p.name.get_ref()),
+                );
             }
             let provider = match &p.provider {
                 None => ProviderKind::Sandbox,
                 Some(s) if s.get_ref() == "sandbox" => ProviderKind::Sandbox,
                 Some(s) => {
-                    self.err(s.span(), key("provider"), format!("expected \"sandbox\", found {:?}", s.get_ref()));
+                    self.err(
+                        s.span(),
+                        key("provider"),
+                        format!("expected \"sandbox\", found {:?}", s.get_ref()),
+                    );
                     ProviderKind::Sandbox
                 }
             };
@@ -413,7 +443,11 @@ impl Validator<'_> {
                 None => Network::None,
                 Some(s) if s.get_ref() == "none" => Network::None,
                 Some(s) => {
-                    self.err(s.span(), key("network"), format!("expected \"none\", found {:?}", s.get_ref()));
+                    self.err(
+                        s.span(),
+                        key("network"),
+                        format!("expected \"none\", found {:?}", s.get_ref()),
+                    );
                     Network::None
                 }
             };
@@ -421,7 +455,11 @@ impl Validator<'_> {
                 None => 1,
                 Some(m) if *m.get_ref() >= 1 && *m.get_ref() <= 10_000 => *m.get_ref() as u32,
                 Some(m) => {
-                    self.err(m.span(), key("max_jobs"), format!("expected a number from 1 to 10000, found {}", m.get_ref()));
+                    self.err(
+                        m.span(),
+                        key("max_jobs"),
+                        format!("expected a number from 1 to 10000, found {}", m.get_ref()),
+                    );
                     1
                 }
             };
@@ -441,14 +479,22 @@ impl Validator<'_> {
                 }
                 if let Some(n) = l.pids {
                     if *n.get_ref() < 1 {
-                        self.err(n.span(), key("limits.pids"), format!("expected a positive number, found {}", n.get_ref()));
+                        self.err(
+                            n.span(),
+                            key("limits.pids"),
+                            format!("expected a positive number, found {}", n.get_ref()),
+                        );
                     } else {
                         limits.pids = Some(*n.get_ref() as u64);
                     }
                 }
                 if let Some(c) = l.cpus {
-                    if !(*c.get_ref() > 0.0) {
-                        self.err(c.span(), key("limits.cpus"), format!("expected a positive number of cores, found {}", c.get_ref()));
+                    if c.get_ref().is_nan() || *c.get_ref() <= 0.0 {
+                        self.err(
+                            c.span(),
+                            key("limits.cpus"),
+                            format!("expected a positive number of cores, found {}", c.get_ref()),
+                        );
                     } else {
                         limits.cpus = Some(*c.get_ref());
                     }
@@ -456,7 +502,11 @@ impl Validator<'_> {
                 if let Some(t) = l.timeout {
                     match parse_duration(t.get_ref()) {
                         Ok(d) if !d.is_zero() => limits.timeout = d,
-                        Ok(_) => self.err(t.span(), key("limits.timeout"), "expected a duration above zero"),
+                        Ok(_) => self.err(
+                            t.span(),
+                            key("limits.timeout"),
+                            "expected a duration above zero",
+                        ),
                         Err(e) => self.err(t.span(), key("limits.timeout"), e),
                     }
                 }
@@ -477,19 +527,31 @@ impl Validator<'_> {
         for (i, p) in raw.pipeline.into_iter().enumerate() {
             let key = |k: &str| format!("pipeline[{i}].{k}");
             if !pipeline_names.insert(p.name.get_ref().clone()) {
-                self.err(p.name.span(), key("name"), format!("pipeline {:?} is defined twice", p.name.get_ref()));
+                self.err(
+                    p.name.span(),
+                    key("name"),
+                    format!("pipeline {:?} is defined twice", p.name.get_ref()),
+                );
             }
             if p.pools.is_empty() {
                 self.err(p.name.span(), key("pools"), "expected at least one pool");
             }
             for pool in &p.pools {
                 if !pool_names.contains(pool.get_ref()) {
-                    self.err(pool.span(), key("pools"), format!("no [[pool]] is named {:?}", pool.get_ref()));
+                    self.err(
+                        pool.span(),
+                        key("pools"),
+                        format!("no [[pool]] is named {:?}", pool.get_ref()),
+                    );
                 }
             }
             for pat in &p.paths {
                 if let Err(e) = globset::Glob::new(pat.get_ref()) {
-                    self.err(pat.span(), key("paths"), format!("invalid glob {:?}: {e}", pat.get_ref()));
+                    self.err(
+                        pat.span(),
+                        key("paths"),
+                        format!("invalid glob {:?}: {e}", pat.get_ref()),
+                    );
                 }
             }
             let mut steps = Vec::new();
@@ -541,17 +603,29 @@ impl Validator<'_> {
             let n = r.name.get_ref();
             let parts: Vec<&str> = n.split('/').collect();
             if parts.len() != 2 || !parts.iter().all(|p| valid_name(p)) {
-                self.err(r.name.span(), key("name"), format!("expected \"owner/name\", found {n:?}"));
+                self.err(
+                    r.name.span(),
+                    key("name"),
+                    format!("expected \"owner/name\", found {n:?}"),
+                );
             }
             if !pipeline_names.contains(r.pipeline.get_ref()) {
-                self.err(r.pipeline.span(), key("pipeline"), format!("no [[pipeline]] is named {:?}", r.pipeline.get_ref()));
+                self.err(
+                    r.pipeline.span(),
+                    key("pipeline"),
+                    format!("no [[pipeline]] is named {:?}", r.pipeline.get_ref()),
+                );
             }
             let checkout = match &r.checkout {
                 None => Checkout::Merge,
                 Some(c) if c.get_ref() == "merge" => Checkout::Merge,
                 Some(c) if c.get_ref() == "head" => Checkout::Head,
                 Some(c) => {
-                    self.err(c.span(), key("checkout"), format!("expected \"merge\" or \"head\", found {:?}", c.get_ref()));
+                    self.err(
+                        c.span(),
+                        key("checkout"),
+                        format!("expected \"merge\" or \"head\", found {:?}", c.get_ref()),
+                    );
                     Checkout::Merge
                 }
             };
@@ -577,7 +651,8 @@ impl Validator<'_> {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 100
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && s != "."
         && s != ".."
 }
@@ -587,7 +662,12 @@ fn line_col(text: &str, pos: usize) -> (usize, usize) {
     let pos = pos.min(text.len());
     let before = &text[..pos];
     let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     (line, col)
 }
 
@@ -596,7 +676,10 @@ fn line_col(text: &str, pos: usize) -> (usize, usize) {
 fn key_at(text: &str, span: &Range<usize>) -> String {
     let start = span.start.min(text.len());
     let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let line_end = text[start..].find('\n').map(|i| start + i).unwrap_or(text.len());
+    let line_end = text[start..]
+        .find('\n')
+        .map(|i| start + i)
+        .unwrap_or(text.len());
     let line = &text[line_start..line_end];
     let upto = &text[line_start..start];
     // The key is the identifier before the nearest '=' left of the span, or the span itself.
@@ -667,7 +750,10 @@ steps = [
         assert_eq!(c.pools[0].limits.memory_bytes, Some(4 << 30));
         assert_eq!(c.pools[0].limits.pids, Some(4096));
         assert_eq!(c.pools[0].limits.timeout, Duration::from_secs(7200));
-        assert_eq!(c.pipelines[0].steps[0].timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            c.pipelines[0].steps[0].timeout,
+            Some(Duration::from_secs(3600))
+        );
         assert!(!c.pipelines[0].steps[1].runs_for("pull_request"));
         assert!(c.pipelines[0].steps[1].runs_for("push"));
         assert!(c.pipelines[0].steps[1].runs_for("manual"));
@@ -695,7 +781,11 @@ steps = [
         let text = EXAMPLE.replace("memory = \"4GiB\"", "memory = \"4 gigs\"");
         let e = Config::parse(&text, "slate.toml").unwrap_err();
         let e = &e.0[0];
-        assert_eq!((e.line, e.key.as_str()), (21, "pool[0].limits.memory"), "{e}");
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (21, "pool[0].limits.memory"),
+            "{e}"
+        );
         assert!(e.message.contains("expected"), "{e}");
     }
 

@@ -6,20 +6,28 @@ use std::time::Duration;
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     if t.is_empty() {
-        return Err("expected a duration like \"30s\", \"5m\" or \"2h\", found an empty string".into());
+        return Err(
+            "expected a duration like \"30s\", \"5m\" or \"2h\", found an empty string".into(),
+        );
     }
     let mut total = Duration::ZERO;
     let mut rest = t;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("expected a duration like \"30s\", \"5m\" or \"2h\", found {text:?}"));
+            return Err(format!(
+                "expected a duration like \"30s\", \"5m\" or \"2h\", found {text:?}"
+            ));
         }
         let n: u64 = rest[..digits]
             .parse()
             .map_err(|_| format!("number too large in duration {text:?}"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let d = match unit {
@@ -44,7 +52,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     if digits == 0 {
-        return Err(format!("expected a size like \"512MiB\" or \"4GiB\", found {text:?}"));
+        return Err(format!(
+            "expected a size like \"512MiB\" or \"4GiB\", found {text:?}"
+        ));
     }
     let n: u64 = t[..digits]
         .parse()
@@ -65,7 +75,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {text:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 #[cfg(test)]

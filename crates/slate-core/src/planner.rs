@@ -24,7 +24,9 @@ pub fn plan_pools(pipeline: &PipelineConfig, changed: Option<&[String]>) -> Plan
                 b.add(g);
             }
         }
-        let set = b.build().unwrap_or_else(|_| GlobSetBuilder::new().build().unwrap());
+        let set = b
+            .build()
+            .unwrap_or_else(|_| GlobSetBuilder::new().build().unwrap());
         if !files.iter().any(|f| set.is_match(f)) {
             return Plan::Skip {
                 reason: format!(
@@ -59,7 +61,9 @@ mod tests {
 
     #[test]
     fn table() {
-        let cases: &[(&[&str], Option<&[&str]>, bool)] = &[
+        // (paths filter, changed files, whether a build is needed)
+        type Case<'a> = (&'a [&'a str], Option<&'a [&'a str]>, bool);
+        let cases: &[Case] = &[
             (&[], Some(&["README.md"]), true),
             (&["src/**"], Some(&["src/main.rs"]), true),
             (&["src/**"], Some(&["docs/x.md"]), false),
@@ -71,7 +75,11 @@ mod tests {
         for (paths, changed, builds) in cases {
             let f = changed.map(files);
             let plan = plan_pools(&pipeline(paths), f.as_deref());
-            assert_eq!(matches!(plan, Plan::Jobs(_)), *builds, "{paths:?} {changed:?}");
+            assert_eq!(
+                matches!(plan, Plan::Jobs(_)),
+                *builds,
+                "{paths:?} {changed:?}"
+            );
         }
     }
 

@@ -104,12 +104,20 @@ pub enum AgentMsg {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
-    Welcome { job: JobSpec },
-    Reject { reason: String },
+    Welcome {
+        job: JobSpec,
+    },
+    Reject {
+        reason: String,
+    },
     /// Output up to and including `seq` is durable on the server.
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
     /// Stop the running step (kill its process group) and finish.
-    Cancel { reason: String },
+    Cancel {
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,8 @@
 
 pub mod sandbox;
 
+pub use sandbox::SandboxProvider;
+
 use async_trait::async_trait;
 use slate_core::config::{Limits, Network};
 use slate_core::{JobId, Secret};

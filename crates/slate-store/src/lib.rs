@@ -102,9 +102,9 @@ pub trait Store: Send + Sync + 'static {
     async fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>>;
     async fn get_job(&self, id: JobId) -> Result<Job>;
     async fn jobs_of_build(&self, id: BuildId) -> Result<Vec<Job>>;
-    /// Jobs of earlier builds of the same PR (same repo, pr number) that are still active,
-    /// excluding `except`'s jobs.
-    async fn active_jobs_of_pr(&self, repo: &str, pr: u64, except: BuildId) -> Result<Vec<Job>>;
+    /// Active jobs of the PR's builds older than `before` (build id smaller), so a late,
+    /// older event never cancels a newer build. `BuildId(i64::MAX)` means all of them.
+    async fn active_jobs_of_pr(&self, repo: &str, pr: u64, before: BuildId) -> Result<Vec<Job>>;
     /// All jobs in any of `states`, oldest first.
     async fn jobs_in_states(&self, states: &[JobState]) -> Result<Vec<Job>>;
 

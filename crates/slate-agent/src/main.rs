@@ -1,0 +1,196 @@
+//! `slate-agent`: the static binary inside a worker. It dials the server, proves it speaks
+//! for one job with the job's one-time token, runs the job's steps and streams their
+//! output. It runs as PID 1 of a container or inside a VM; it uses std threads only, so it
+//! builds as a fully static binary.
+//!
+//! Exit codes: 0 the job ran (even if steps failed), 2 rejected by the server,
+//! 3 connection lost, 4 usage error.
+
+mod link;
+mod step;
+mod sys;
+mod transport;
+
+use link::{Handshake, Link, Lost};
+use slate_proto::AgentMsg;
+use std::process::ExitCode;
+use std::time::Duration;
+use step::JobEnd;
+use transport::{Addr, Transport};
+
+const EXIT_OK: u8 = 0;
+const EXIT_REJECTED: u8 = 2;
+const EXIT_LOST: u8 = 3;
+const EXIT_USAGE: u8 = 4;
+
+/// The environment variable that carries the job's one-time token.
+const TOKEN_VAR: &str = "SLATE_AGENT_TOKEN";
+
+/// How long the first connection is retried (the socket may not exist yet).
+const CONNECT_FOR: Duration = Duration::from_secs(10);
+
+/// How long to wait, after `Done`, for the server to acknowledge the last output.
+const FINAL_ACK_WAIT: Duration = Duration::from_secs(5);
+
+const USAGE: &str = "\
+usage: slate-agent --connect ADDR [--heartbeat-ms N]
+
+Dials the slate server, authenticates with the job token in $SLATE_AGENT_TOKEN,
+runs the job's steps and streams their output.
+
+  --connect ADDR     unix:PATH | tcp:HOST:PORT | /dev/PATH (a character device,
+                     e.g. a virtio-serial port)
+  --heartbeat-ms N   interval of heartbeats (default 5000)
+  -h, --help         this text
+  -V, --version      the agent's version
+
+exit codes: 0 job ran, 2 rejected, 3 connection lost, 4 usage error
+";
+
+struct Args {
+    connect: Addr,
+    heartbeat: Duration,
+}
+
+enum Parsed {
+    Run(Args),
+    Help,
+    Version,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, String> {
+    let mut connect = None;
+    let mut heartbeat = Duration::from_secs(5);
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or(format!("{name} needs a value"))
+        };
+        match name.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "-V" | "--version" => return Ok(Parsed::Version),
+            "--connect" => connect = Some(Addr::parse(&value("--connect")?)?),
+            "--heartbeat-ms" => {
+                let v = value("--heartbeat-ms")?;
+                let ms: u64 = v.parse().map_err(|_| format!("bad --heartbeat-ms {v:?}"))?;
+                heartbeat = Duration::from_millis(ms.max(1));
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let connect = connect.ok_or("--connect is required")?;
+    Ok(Parsed::Run(Args { connect, heartbeat }))
+}
+
+fn main() -> ExitCode {
+    // First of all, before any thread exists: steps must not find the token anywhere.
+    let token = sys::take_env_secret(TOKEN_VAR);
+    ExitCode::from(run(token))
+}
+
+fn run(token: Option<String>) -> u8 {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            return EXIT_OK;
+        }
+        Ok(Parsed::Version) => {
+            println!("slate-agent {}", env!("CARGO_PKG_VERSION"));
+            return EXIT_OK;
+        }
+        Err(e) => {
+            eprintln!("slate-agent: {e}\n{USAGE}");
+            return EXIT_USAGE;
+        }
+    };
+    let Some(token) = token else {
+        eprintln!("slate-agent: ${TOKEN_VAR} is not set");
+        return EXIT_USAGE;
+    };
+    if let Err(e) = sys::init() {
+        eprintln!("slate-agent: setup failed: {e}");
+        return EXIT_LOST;
+    }
+
+    let mut conn = match Transport::connect_retry(&args.connect, CONNECT_FOR) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("slate-agent: cannot connect to {}: {e}", args.connect);
+            return EXIT_LOST;
+        }
+    };
+    let job = match link::handshake(&mut conn, &token, 0) {
+        Ok(Handshake::Welcome(job)) => job,
+        Ok(Handshake::Rejected(reason)) => {
+            eprintln!("slate-agent: rejected by the server: {reason}");
+            return EXIT_REJECTED;
+        }
+        Err(e) => {
+            eprintln!("slate-agent: handshake with {} failed: {e}", args.connect);
+            return EXIT_LOST;
+        }
+    };
+    let link = match Link::start(conn, args.connect, token, args.heartbeat) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("slate-agent: cannot start: {e}");
+            return EXIT_LOST;
+        }
+    };
+
+    let code = match step::run_job(&job, &link) {
+        JobEnd::Finished { success } => {
+            link.push(&AgentMsg::Done { success });
+            if link.finish(FINAL_ACK_WAIT) {
+                EXIT_OK
+            } else {
+                lost_code(&link)
+            }
+        }
+        JobEnd::LinkLost => lost_code(&link),
+    };
+    // Daemons the steps started end with the job (in a container, the agent's exit as
+    // PID 1 would kill them anyway).
+    sys::sweep_children();
+    code
+}
+
+fn lost_code(link: &Link) -> u8 {
+    match link.lost() {
+        Some(Lost::Rejected(_)) => EXIT_REJECTED,
+        _ => EXIT_LOST,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: &[&str]) -> Result<Parsed, String> {
+        parse_args(v.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn arguments() {
+        let Ok(Parsed::Run(a)) = parse(&["--connect", "unix:/s", "--heartbeat-ms=100"]) else {
+            panic!()
+        };
+        assert_eq!(a.connect, Addr::Unix("/s".into()));
+        assert_eq!(a.heartbeat, Duration::from_millis(100));
+        assert!(matches!(
+            parse(&["--connect=tcp:1.2.3.4:5"]),
+            Ok(Parsed::Run(_))
+        ));
+        assert!(matches!(parse(&["--help"]), Ok(Parsed::Help)));
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--connect"]).is_err());
+        assert!(parse(&["--connect", "unix:/s", "--bogus"]).is_err());
+    }
+}

@@ -1,0 +1,271 @@
+//! Host-side side effects of the sandbox: overlay mounts, mountinfo, cgroup cleanup, process scans, safe removal.
+
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where cgroup hierarchies are mounted (v1 controllers, or the v2 root).
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Mounts an overlay of `lower` (read-only) and `upper`/`work` (writable) at `merged`.
+pub fn mount_overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> io::Result<()> {
+    for p in [lower, upper, work] {
+        check_overlay_path(p)?;
+    }
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        merged,
+        Some("overlay"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(data.as_str()),
+    )
+    .map_err(io::Error::from)
+}
+
+/// Overlay options are split on `,` and lower dirs on `:`; a path holding either (or the
+/// escape `\`) would be misparsed, so it is refused rather than escaped.
+fn check_overlay_path(p: &Path) -> io::Result<()> {
+    let s = p.to_str().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("path is not utf-8: {}", p.display()),
+        )
+    })?;
+    if s.contains([',', ':', '\\']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("overlay path may not contain ',', ':' or '\\': {s}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Mount points at or under `dir` in this process's mount namespace, in mountinfo order.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_octal(field)))
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// Unmounts everything at or under `dir`, deepest first; a busy mount is detached.
+pub fn unmount_all_under(dir: &Path) -> io::Result<()> {
+    // Bounded: each round removes one mount; stacked mounts on one path take several.
+    for _ in 0..64 {
+        let mounts = mounts_under(dir);
+        // Deepest path first; among equal depth the last mounted (on top) first.
+        let Some(target) = mounts
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, p)| (p.components().count(), *i))
+            .map(|(_, p)| p.clone())
+        else {
+            return Ok(());
+        };
+        match umount2(&target, MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+            Err(Errno::EBUSY) => {
+                tracing::warn!(mount = %target.display(), "mount busy, detaching");
+                umount2(&target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)
+                    .map_err(io::Error::from)?;
+            }
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+    Err(io::Error::other(format!(
+        "mounts still present under {} after 64 unmounts",
+        dir.display()
+    )))
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Existing cgroup directories of the worker `name` in every hierarchy.
+pub fn cgroup_dirs(parent: &str, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let direct = Path::new(CGROUP_ROOT).join(parent).join(name);
+    if direct.is_dir() {
+        out.push(direct);
+    }
+    if let Ok(hierarchies) = fs::read_dir(CGROUP_ROOT) {
+        for h in hierarchies.flatten() {
+            let dir = h.path().join(parent).join(name);
+            if dir.is_dir() {
+                out.push(dir);
+            }
+        }
+    }
+    out
+}
+
+/// Removes a cgroup directory and its children, killing any task still in them first
+/// (a cgroup with tasks cannot be removed).
+pub fn remove_cgroup(dir: &Path) -> io::Result<()> {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            // Only child cgroups are directories; control files are not.
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup(&e.path())?;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        for pid in cgroup_procs(dir) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // EBUSY while killed tasks are still exiting.
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(cgroup = %dir.display(), error = %e, "cgroup not removable yet");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn cgroup_procs(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Processes (other than this one) with a command-line argument equal to `arg`.
+pub fn pids_with_arg(arg: &Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let want = arg.as_os_str().as_encoded_bytes();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|&b| b == 0).any(|a| a == want))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Removes the job directory `dir` without following symlinks and without crossing into
+/// another filesystem: after [`unmount_all_under`] nothing under it may be a mount.
+pub fn remove_job_dir(dir: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_dir() {
+        // A symlink or file where the job dir should be: remove the entry, never its target.
+        return fs::remove_file(dir);
+    }
+    let leftover = mounts_under(dir);
+    if !leftover.is_empty() {
+        return Err(io::Error::other(format!(
+            "refusing to remove {}: still mounted: {}",
+            dir.display(),
+            leftover
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    remove_tree(dir, meta.dev())
+}
+
+/// Depth-first removal that stops at a device boundary (a mount mountinfo did not show,
+/// e.g. in another namespace's view) instead of deleting a foreign filesystem's files.
+fn remove_tree(dir: &Path, dev: u64) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let meta = fs::symlink_metadata(&path)?;
+        if meta.file_type().is_dir() {
+            if meta.dev() != dev {
+                return Err(io::Error::other(format!(
+                    "refusing to remove {}: another filesystem",
+                    path.display()
+                )));
+            }
+            remove_tree(&path, dev)?;
+        } else {
+            // Symlinks are unlinked themselves, never followed.
+            fs::remove_file(&path)?;
+        }
+    }
+    fs::remove_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_fields() {
+        assert_eq!(unescape_octal(r"/a\040b\011c"), "/a b\tc");
+        assert_eq!(unescape_octal(r"/x\"), r"/x\");
+    }
+
+    #[test]
+    fn overlay_paths_with_separators_are_refused() {
+        assert!(check_overlay_path(Path::new("/a,b")).is_err());
+        assert!(check_overlay_path(Path::new("/a:b")).is_err());
+        assert!(check_overlay_path(Path::new("/a/b")).is_ok());
+    }
+
+    #[test]
+    fn remove_job_dir_does_not_follow_symlinks() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), "x").unwrap();
+        let jobs = tempfile::tempdir().unwrap();
+        let job = jobs.path().join("slate-1");
+        std::fs::create_dir_all(job.join("upper/deep")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), job.join("upper/deep/link")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), job.join("link2")).unwrap();
+        remove_job_dir(&job).unwrap();
+        assert!(!job.exists());
+        assert!(outside.path().join("keep").exists());
+        // Missing is fine.
+        remove_job_dir(&job).unwrap();
+    }
+}

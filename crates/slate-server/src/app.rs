@@ -1,0 +1,276 @@
+//! The server's shared state: configuration, store, providers, reporter, logs, mirrors.
+
+use crate::git::GitMirrors;
+use crate::logs::LogStore;
+use crate::metrics::Metrics;
+use slate_core::config::{Config, ProviderKind, SecretSource};
+use slate_core::{Build, Job, JobId, JobState, ReportState, Secret};
+use slate_forge::reporter::Reporter;
+use slate_forge::status::{GithubStatuses, StatusUpdate};
+use slate_provider::sandbox::SandboxProvider;
+use slate_provider::Provider;
+use slate_store::{SqliteStore, Store};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("reading secret {what} from {source_desc}: {detail}")]
+    Secret {
+        what: &'static str,
+        source_desc: String,
+        detail: String,
+    },
+    #[error("the [github] webhook source needs webhook_secret_file or webhook_secret_env: refusing to accept unsigned webhooks")]
+    NoWebhookSecret,
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] slate_store::StoreError),
+    #[error("unsupported database {0:?}: only sqlite is available in this build")]
+    Database(String),
+    #[error("agent binary {0} does not exist: build it or set [server] agent_binary")]
+    NoAgent(PathBuf),
+    #[error("pool {pool}: image {image} is not a directory")]
+    Image { pool: String, image: PathBuf },
+    #[error("github client: {0}")]
+    Forge(String),
+}
+
+/// Shared state of a running server.
+pub struct App {
+    pub config: Arc<Config>,
+    pub webhook_secret: Option<Secret>,
+    pub store: Arc<dyn Store>,
+    /// Provider per pool name.
+    pub providers: HashMap<String, Arc<dyn Provider>>,
+    pub reporter: Option<Reporter>,
+    pub logs: LogStore,
+    pub git: GitMirrors,
+    pub metrics: Metrics,
+    pub data_dir: PathBuf,
+    pub sources_dir: PathBuf,
+    pub sockets_dir: PathBuf,
+    pub agent_binary: PathBuf,
+    pub public_url: String,
+    /// How long a new worker's agent has to connect.
+    pub boot_timeout: Duration,
+    pub wake_scheduler: Notify,
+    pub wake_events: Notify,
+    /// Held while a build and its jobs are being made ready, so the scheduler never
+    /// claims a job whose source is not prepared yet.
+    pub planning: tokio::sync::Mutex<()>,
+    /// Held while events are handled, so an event is handled by one task only.
+    pub event_lock: tokio::sync::Mutex<()>,
+    /// Cancellation handles of jobs running in this process.
+    pub running: Mutex<HashMap<JobId, CancellationToken>>,
+    pub shutdown: CancellationToken,
+}
+
+/// Read a secret from its configured source.
+pub fn read_secret(what: &'static str, src: &SecretSource) -> Result<Secret, StartError> {
+    match src {
+        SecretSource::File(p) => std::fs::read_to_string(p)
+            .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
+            .map_err(|e| StartError::Secret {
+                what,
+                source_desc: p.display().to_string(),
+                detail: e.to_string(),
+            }),
+        SecretSource::Env(var) => {
+            std::env::var(var)
+                .map(Secret::new)
+                .map_err(|e| StartError::Secret {
+                    what,
+                    source_desc: format!("environment variable {var}"),
+                    detail: e.to_string(),
+                })
+        }
+    }
+}
+
+/// Options the binary or a test sets beyond the config file.
+#[derive(Debug, Clone, Default)]
+pub struct AppOptions {
+    /// Overrides `[server] agent_binary` and the default next to the executable.
+    pub agent_binary: Option<PathBuf>,
+    /// Overrides the default agent connect timeout (30 s for sandboxes).
+    pub boot_timeout: Option<Duration>,
+    /// Address the HTTP listener actually bound (for links when listening on port 0).
+    pub bound_addr: Option<std::net::SocketAddr>,
+}
+
+impl App {
+    pub async fn build(config: Config, opts: AppOptions) -> Result<Arc<App>, StartError> {
+        let data_dir = config.server.data_dir.clone();
+        let mk = |p: PathBuf| -> Result<PathBuf, StartError> {
+            std::fs::create_dir_all(&p).map_err(|source| StartError::DataDir {
+                path: p.clone(),
+                source,
+            })?;
+            Ok(p)
+        };
+        mk(data_dir.clone())?;
+        let sources_dir = mk(data_dir.join("sources"))?;
+        let sockets_dir = mk(data_dir.join("sockets"))?;
+        let workers_dir = mk(data_dir.join("workers"))?;
+        let logs = LogStore::new(data_dir.join("logs")).map_err(|source| StartError::DataDir {
+            path: data_dir.join("logs"),
+            source,
+        })?;
+        let git = GitMirrors::new(data_dir.join("git")).map_err(|source| StartError::DataDir {
+            path: data_dir.join("git"),
+            source,
+        })?;
+
+        let store: Arc<dyn Store> = match &config.server.database {
+            None => Arc::new(SqliteStore::open(&data_dir.join("slate.db")).await?),
+            Some(url) if url.starts_with("sqlite:") => {
+                let path = url
+                    .trim_start_matches("sqlite://")
+                    .trim_start_matches("sqlite:");
+                Arc::new(SqliteStore::open(std::path::Path::new(path)).await?)
+            }
+            Some(other) => return Err(StartError::Database(other.clone())),
+        };
+
+        let (webhook_secret, reporter) = match &config.github {
+            Some(gh) => {
+                let secret = match &gh.webhook_secret {
+                    Some(src) => read_secret("webhook secret", src)?,
+                    None => return Err(StartError::NoWebhookSecret),
+                };
+                if secret.is_empty() {
+                    return Err(StartError::NoWebhookSecret);
+                }
+                let token = gh
+                    .token
+                    .as_ref()
+                    .map(|src| read_secret("github token", src))
+                    .transpose()?;
+                let sink = GithubStatuses::new(&gh.api_url, token)
+                    .map_err(|e| StartError::Forge(e.to_string()))?;
+                (Some(secret), Some(Reporter::spawn(Arc::new(sink))))
+            }
+            None => (None, None),
+        };
+
+        let agent_binary = opts
+            .agent_binary
+            .clone()
+            .or(config.server.agent_binary.clone())
+            .unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(|d| d.join("slate-agent")))
+                    .unwrap_or_else(|| PathBuf::from("slate-agent"))
+            });
+        if !agent_binary.is_file() {
+            return Err(StartError::NoAgent(agent_binary));
+        }
+
+        let sandbox: Arc<dyn Provider> = Arc::new(SandboxProvider::new(workers_dir));
+        let mut providers = HashMap::new();
+        for pool in &config.pools {
+            if !pool.image.is_dir() {
+                return Err(StartError::Image {
+                    pool: pool.name.clone(),
+                    image: pool.image.clone(),
+                });
+            }
+            match pool.provider {
+                ProviderKind::Sandbox => providers.insert(pool.name.clone(), sandbox.clone()),
+            };
+        }
+
+        let public_url = config.server.public_url.clone().unwrap_or_else(|| {
+            format!(
+                "http://{}",
+                opts.bound_addr
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| config.server.listen.clone())
+            )
+        });
+
+        Ok(Arc::new(App {
+            config: Arc::new(config),
+            webhook_secret,
+            store,
+            providers,
+            reporter,
+            logs,
+            git,
+            metrics: Metrics::new(),
+            data_dir,
+            sources_dir,
+            sockets_dir,
+            agent_binary,
+            public_url,
+            boot_timeout: opts.boot_timeout.unwrap_or(Duration::from_secs(30)),
+            wake_scheduler: Notify::new(),
+            wake_events: Notify::new(),
+            planning: tokio::sync::Mutex::new(()),
+            event_lock: tokio::sync::Mutex::new(()),
+            running: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    /// Link to a job for statuses.
+    pub fn job_url(&self, job: JobId) -> String {
+        format!("{}/jobs/{}", self.public_url, job.0)
+    }
+
+    /// Post the job's current state to the forge (never blocks).
+    pub fn report(&self, build: &Build, job: &Job, description: &str) {
+        let Some(reporter) = &self.reporter else {
+            return;
+        };
+        if build.change.head_sha.is_empty() {
+            return;
+        }
+        reporter.report(StatusUpdate {
+            repo: build.change.repo.clone(),
+            sha: build.change.head_sha.clone(),
+            state: ReportState::for_job(job.state),
+            context: format!("slate/{}", job.pool),
+            description: description.to_string(),
+            target_url: Some(self.job_url(job.id)),
+        });
+    }
+
+    /// Cancel a job wherever it is; returns whether it was still active.
+    pub async fn cancel_job(
+        &self,
+        id: JobId,
+        reason: &str,
+    ) -> Result<bool, slate_store::StoreError> {
+        let moved = self
+            .store
+            .transition_job(id, JobState::active(), JobState::Cancelled, Some(reason))
+            .await?;
+        if moved {
+            tracing::info!(job.id = id.0, reason, "job cancelled");
+            let token = self.running.lock().unwrap().get(&id).cloned();
+            match token {
+                // The runner reports the final state once its worker is gone.
+                Some(t) => t.cancel(),
+                None => {
+                    let job = self.store.get_job(id).await?;
+                    let build = self.store.get_build(job.build_id).await?;
+                    self.report(&build, &job, reason);
+                }
+            }
+            self.wake_scheduler.notify_one();
+        }
+        Ok(moved)
+    }
+}

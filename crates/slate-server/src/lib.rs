@@ -1,0 +1,81 @@
+//! The slate server: webhooks, API, scheduler and runners over the store, forge and providers.
+//!
+//! [`start`] takes a bound listener and a shutdown future, so tests bind port 0.
+
+pub mod api;
+pub mod app;
+pub mod events;
+pub mod git;
+pub mod logs;
+pub mod metrics;
+pub mod recovery;
+pub mod runner;
+pub mod scheduler;
+pub mod webhook;
+
+pub use app::{App, AppOptions, StartError};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use std::future::Future;
+use std::sync::Arc;
+
+/// The HTTP routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(
+            "/hooks/github",
+            post(webhook::github_hook).layer(DefaultBodyLimit::max(webhook::MAX_WEBHOOK_BODY)),
+        )
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .route("/api/v1/builds", get(api::list_builds))
+        .route("/api/v1/builds/{id}", get(api::get_build))
+        .route("/api/v1/jobs/{id}", get(api::get_job))
+        .route("/api/v1/jobs/{id}/log", get(api::job_log))
+        .route("/api/v1/jobs/{id}/cancel", post(api::cancel_job))
+        .route("/api/v1/submit", post(api::submit))
+        .route("/jobs/{id}", get(api::job_page))
+        .with_state(app)
+}
+
+/// Recover from any earlier crash, start the background tasks and serve HTTP until
+/// `shutdown` resolves; then stop the tasks, requeue running jobs and destroy their workers.
+pub async fn start(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let report = recovery::recover(&app)
+        .await
+        .map_err(|e| std::io::Error::other(format!("recovery: {e}")))?;
+    if !report.workers_destroyed.is_empty() || !report.jobs_requeued.is_empty() {
+        tracing::info!(
+            workers = report.workers_destroyed.len(),
+            jobs = report.jobs_requeued.len(),
+            "recovered from an earlier run"
+        );
+    }
+    let events = tokio::spawn(events::event_loop(app.clone()));
+    let sched = tokio::spawn(scheduler::scheduler_loop(app.clone()));
+    let token = app.shutdown.clone();
+    let served = axum::serve(listener, router(app.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            token.cancel();
+        })
+        .await;
+    app.shutdown.cancel();
+    let _ = events.await;
+    let _ = sched.await;
+    // Runners see the shutdown token, destroy their workers and requeue their jobs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !app.running.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if let Some(r) = &app.reporter {
+        r.flush(std::time::Duration::from_secs(5)).await;
+    }
+    served
+}

@@ -1,0 +1,70 @@
+//! Startup reconciliation after a crash: destroy workers with no live job, requeue
+//! interrupted jobs, remove stray per-job directories.
+
+use crate::app::App;
+use slate_core::JobState;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub workers_destroyed: Vec<String>,
+    pub jobs_requeued: Vec<i64>,
+}
+
+/// Run before the scheduler starts: nothing runs in this process yet, so every worker
+/// that exists is a leftover and every provisioning/running job was interrupted.
+pub async fn recover(app: &Arc<App>) -> Result<RecoveryReport, slate_store::StoreError> {
+    let mut report = RecoveryReport::default();
+    let mut names: BTreeSet<String> = app
+        .store
+        .list_workers()
+        .await?
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    let mut providers: Vec<Arc<dyn slate_provider::Provider>> = Vec::new();
+    for p in app.providers.values() {
+        if !providers.iter().any(|q| Arc::ptr_eq(q, p)) {
+            providers.push(p.clone());
+        }
+    }
+    for p in &providers {
+        match p.list().await {
+            Ok(found) => names.extend(found),
+            Err(e) => tracing::error!(provider = p.kind(), error = %e, "listing workers"),
+        }
+    }
+    for dir in [&app.sources_dir, &app.sockets_dir] {
+        if let Ok(mut rd) = tokio::fs::read_dir(dir).await {
+            while let Ok(Some(e)) = rd.next_entry().await {
+                if let Some(n) = e.file_name().to_str() {
+                    if slate_core::JobId::from_resource_name(n).is_some() {
+                        names.insert(n.to_string());
+                    }
+                }
+            }
+        }
+    }
+    for name in names {
+        crate::runner::cleanup(app, &name).await;
+        app.metrics.leaked_workers_cleaned.inc();
+        tracing::info!(worker = %name, "destroyed leftover worker");
+        report.workers_destroyed.push(name);
+    }
+    for job in app
+        .store
+        .jobs_in_states(&[JobState::Provisioning, JobState::Running])
+        .await?
+    {
+        if app
+            .store
+            .requeue_job(job.id, "interrupted by a server restart")
+            .await?
+        {
+            tracing::info!(job.id = job.id.0, "requeued interrupted job");
+            report.jobs_requeued.push(job.id.0);
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,198 @@
+//! Leak checks for sandbox workers: mounts, cgroups, runc containers, processes, directories.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Describes everything a sandbox provider rooted at `root` left behind: mounts under
+/// `root`, cgroups `/sys/fs/cgroup/*/<cgroup_scope(root)>/slate-*`, containers in `<root>/.runc`,
+/// processes in such a cgroup or whose command line mentions `root`, and
+/// `slate-*` entries in `root`. Empty means clean.
+///
+/// The cgroup and process checks are host-wide: another test suite running sandboxes at
+/// the same time shows up here. Tests that can run next to others use [`slate_leaks_of`].
+pub fn slate_leaks(root: &Path) -> Vec<String> {
+    leaks(root, None)
+}
+
+/// Like [`slate_leaks`], but the host-wide checks (cgroups, processes in cgroups) only
+/// look for the workers `names`; the checks scoped to `root` stay complete.
+pub fn slate_leaks_of(root: &Path, names: &[String]) -> Vec<String> {
+    leaks(root, Some(names))
+}
+
+fn leaks(root: &Path, names: Option<&[String]>) -> Vec<String> {
+    let mut out = Vec::new();
+    let roots = root_forms(root);
+    let wanted = |name: &str| -> bool {
+        name.starts_with("slate-") && names.is_none_or(|n| n.iter().any(|w| w == name))
+    };
+
+    for mount_point in mount_points() {
+        if roots.iter().any(|r| mount_point.starts_with(r)) {
+            out.push(format!("mount at {}", mount_point.display()));
+        }
+    }
+
+    let scope = cgroup_scope(root);
+    if let Ok(controllers) = fs::read_dir("/sys/fs/cgroup") {
+        for controller in controllers.flatten() {
+            let Ok(groups) = fs::read_dir(controller.path().join(&scope)) else {
+                continue;
+            };
+            for group in groups.flatten() {
+                let name = group.file_name().to_string_lossy().into_owned();
+                if group.path().is_dir() && wanted(&name) {
+                    out.push(format!("cgroup {}", group.path().display()));
+                }
+            }
+        }
+    }
+
+    let runc_root = root.join(".runc");
+    if runc_root.exists() {
+        match Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["list", "-q"])
+            .output()
+        {
+            Ok(o) if o.status.success() => {
+                for name in String::from_utf8_lossy(&o.stdout).lines() {
+                    if !name.trim().is_empty() {
+                        out.push(format!(
+                            "runc container {} in {}",
+                            name.trim(),
+                            runc_root.display()
+                        ));
+                    }
+                }
+            }
+            Ok(o) => out.push(format!(
+                "runc list in {} failed: {}",
+                runc_root.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => out.push(format!("runc list in {} failed: {e}", runc_root.display())),
+        }
+    }
+
+    let me = std::process::id().to_string();
+    if let Ok(procs) = fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let pid = p.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+                continue;
+            }
+            let cmdline = fs::read(p.path().join("cmdline"))
+                .map(|b| {
+                    String::from_utf8_lossy(&b)
+                        .replace('\0', " ")
+                        .trim()
+                        .to_string()
+                })
+                .unwrap_or_default();
+            let cgroup = fs::read_to_string(p.path().join("cgroup")).unwrap_or_default();
+            let in_slate_cgroup = cgroup.lines().any(|line| {
+                let path = line.splitn(3, ':').nth(2).unwrap_or("");
+                path.split(&format!("/{scope}/"))
+                    .skip(1)
+                    .any(|rest| wanted(rest.split('/').next().unwrap_or("")))
+            });
+            let mentions_root = roots
+                .iter()
+                .any(|r| cmdline.contains(r.to_string_lossy().as_ref()));
+            if in_slate_cgroup || mentions_root {
+                out.push(format!("process {pid} `{cmdline}`"));
+            }
+        }
+    }
+
+    if let Ok(entries) = fs::read_dir(root) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("slate-") {
+                out.push(format!("entry {}", e.path().display()));
+            }
+        }
+    }
+    out
+}
+
+/// `root` as given and canonicalized: mountinfo shows resolved paths.
+fn root_forms(root: &Path) -> Vec<PathBuf> {
+    let mut forms = vec![root.to_path_buf()];
+    if let Ok(c) = root.canonicalize() {
+        if c != root {
+            forms.push(c);
+        }
+    }
+    forms
+}
+
+/// Mount points of this process's mount namespace, unescaped.
+pub fn mount_points() -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_octal(field)))
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup directory of the workers under `root`; must match
+/// `slate_provider::sandbox::cgroup_scope` (copied: testkit cannot depend on the provider,
+/// which dev-depends on testkit).
+pub fn cgroup_scope(root: &Path) -> String {
+    let resolved = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in resolved.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("slate/{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape_octal(r"/a\040b"), "/a b");
+        assert_eq!(unescape_octal(r"/plain"), "/plain");
+        assert_eq!(unescape_octal(r"/end\"), r"/end\");
+    }
+
+    #[test]
+    fn empty_root_is_clean_and_leftover_dir_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(slate_leaks_of(dir.path(), &[]).is_empty());
+        fs::create_dir(dir.path().join("slate-7")).unwrap();
+        let found = slate_leaks_of(dir.path(), &[]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("slate-7"));
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run every test of slate (unit, integration, end-to-end with real runc sandboxes), plus
+# the formatting and lint gates. Needs root on Debian/Ubuntu; installs what is missing.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+"$ROOT/scripts/install-deps.sh"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace "$@"
