@@ -74,6 +74,7 @@ fn failing_step_reports_failure_and_stops_the_job() {
     );
     let job = s.wait_terminal(1);
     assert_eq!(job["state"], "failed", "{job:#}");
+    assert_eq!(job["attempt"], 1, "a build failure is never retried");
     let steps = job["steps"].as_array().unwrap();
     assert_eq!(steps[0]["outcome"], "allowed_failure");
     assert_eq!(steps[1]["exit_code"], 3);
@@ -463,4 +464,36 @@ fn check_config_names_line_and_key() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_worker_that_fails_is_retried_on_a_fresh_one_then_errors() {
+    // A runtime that exits at once: the worker dies before its agent connects.
+    let s = Slate::start(Options {
+        pool_extra: "runtime = \"/bin/false\"\nattempts = 2\nboot_timeout = \"20s\"".into(),
+        ..Default::default()
+    });
+    let (base, head) = s.make_pr(1, "r", "r.txt", "r\n");
+    s.webhook(
+        "pull_request",
+        "d-1",
+        &s.pr_event("opened", 1, "r", &head, &base),
+    );
+    let job = s.wait_terminal(1);
+    assert_eq!(job["state"], "error", "{job:#}");
+    assert_eq!(job["attempt"], 2, "one retry on a fresh worker: {job:#}");
+    assert!(
+        job["reason"].as_str().unwrap().contains("worker exited"),
+        "{job:#}"
+    );
+    let log = s.log(1);
+    assert!(
+        log.contains("retrying on a fresh worker (attempt 2 of 2)"),
+        "{log}"
+    );
+    let st = s.wait_status(&head, "error");
+    assert!(st.description.unwrap().contains("worker exited"));
+    let leaks = s.leaks();
+    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+    s.shutdown_clean();
 }

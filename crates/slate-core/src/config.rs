@@ -133,6 +133,13 @@ pub struct PoolConfig {
     pub network: Network,
     /// OCI runtime binary (`runc`, `crun`, `runsc`…).
     pub runtime: String,
+    /// How many times a job may run when its worker fails (provisioning error, agent
+    /// lost, heartbeat timeout); a build failure is never retried.
+    pub attempts: u32,
+    /// How long a new worker's agent has to connect.
+    pub boot_timeout: Duration,
+    /// Cap on one job's log; output beyond it is dropped with a marker.
+    pub log_limit: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -269,12 +276,15 @@ struct RawPool {
     limits: Option<RawLimits>,
     network: Option<Spanned<String>>,
     runtime: Option<String>,
+    attempts: Option<Spanned<i64>>,
+    boot_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     memory: Option<Spanned<String>>,
+    log: Option<Spanned<String>>,
     pids: Option<Spanned<i64>>,
     cpus: Option<Spanned<f64>>,
     timeout: Option<Spanned<String>>,
@@ -463,6 +473,37 @@ impl Validator<'_> {
                     1
                 }
             };
+            let attempts = match &p.attempts {
+                None => 2,
+                Some(a) if (1..=10).contains(a.get_ref()) => *a.get_ref() as u32,
+                Some(a) => {
+                    self.err(
+                        a.span(),
+                        key("attempts"),
+                        format!("expected a number from 1 to 10, found {}", a.get_ref()),
+                    );
+                    2
+                }
+            };
+            let boot_timeout = match &p.boot_timeout {
+                None => Duration::from_secs(30),
+                Some(t) => match parse_duration(t.get_ref()) {
+                    Ok(d) if !d.is_zero() => d,
+                    Ok(_) => {
+                        self.err(
+                            t.span(),
+                            key("boot_timeout"),
+                            "expected a duration above zero",
+                        );
+                        Duration::from_secs(30)
+                    }
+                    Err(e) => {
+                        self.err(t.span(), key("boot_timeout"), e);
+                        Duration::from_secs(30)
+                    }
+                },
+            };
+            let mut log_limit: u64 = 64 << 20;
             let mut limits = Limits {
                 memory_bytes: None,
                 pids: None,
@@ -470,6 +511,13 @@ impl Validator<'_> {
                 timeout: Duration::from_secs(2 * 3600),
             };
             if let Some(l) = p.limits {
+                if let Some(m) = l.log {
+                    match parse_size(m.get_ref()) {
+                        Ok(b) if b >= 1024 => log_limit = b,
+                        Ok(_) => self.err(m.span(), key("limits.log"), "expected at least 1KiB"),
+                        Err(e) => self.err(m.span(), key("limits.log"), e),
+                    }
+                }
                 if let Some(m) = l.memory {
                     match parse_size(m.get_ref()) {
                         Ok(b) if b >= 4 << 20 => limits.memory_bytes = Some(b),
@@ -519,6 +567,9 @@ impl Validator<'_> {
                 limits,
                 network,
                 runtime: p.runtime.unwrap_or_else(|| "runc".into()),
+                attempts,
+                boot_timeout,
+                log_limit,
             });
         }
 

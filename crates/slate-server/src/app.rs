@@ -61,8 +61,8 @@ pub struct App {
     pub sockets_dir: PathBuf,
     pub agent_binary: PathBuf,
     pub public_url: String,
-    /// How long a new worker's agent has to connect.
-    pub boot_timeout: Duration,
+    /// Overrides every pool's `boot_timeout` (tests).
+    pub boot_timeout: Option<Duration>,
     pub wake_scheduler: Notify,
     pub wake_events: Notify,
     /// Held while a build and its jobs are being made ready, so the scheduler never
@@ -102,7 +102,7 @@ pub fn read_secret(what: &'static str, src: &SecretSource) -> Result<Secret, Sta
 pub struct AppOptions {
     /// Overrides `[server] agent_binary` and the default next to the executable.
     pub agent_binary: Option<PathBuf>,
-    /// Overrides the default agent connect timeout (30 s for sandboxes).
+    /// Overrides every pool's `boot_timeout`.
     pub boot_timeout: Option<Duration>,
     /// Address the HTTP listener actually bound (for links when listening on port 0).
     pub bound_addr: Option<std::net::SocketAddr>,
@@ -214,7 +214,7 @@ impl App {
             sockets_dir,
             agent_binary,
             public_url,
-            boot_timeout: opts.boot_timeout.unwrap_or(Duration::from_secs(30)),
+            boot_timeout: opts.boot_timeout,
             wake_scheduler: Notify::new(),
             wake_events: Notify::new(),
             planning: tokio::sync::Mutex::new(()),

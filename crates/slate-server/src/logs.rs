@@ -57,6 +57,11 @@ impl LogStore {
 
     /// Open the job's log for appending (an earlier attempt's output stays).
     pub async fn writer(&self, job: JobId) -> std::io::Result<LogWriter> {
+        self.writer_with_cap(job, self.cap).await
+    }
+
+    /// Like [`LogStore::writer`] with a cap of its own (the pool's `limits.log`).
+    pub async fn writer_with_cap(&self, job: JobId, cap: u64) -> std::io::Result<LogWriter> {
         let path = self.path(job);
         let file = OpenOptions::new()
             .create(true)
@@ -82,7 +87,7 @@ impl LogStore {
         Ok(LogWriter {
             file,
             len,
-            cap: self.cap,
+            cap,
             truncated: false,
             progress,
         })

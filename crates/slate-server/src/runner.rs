@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 struct Outcome {
     state: JobState,
     reason: String,
+    /// The worker failed, not the build: worth another attempt on a fresh worker.
+    infra: bool,
 }
 
 impl Outcome {
@@ -31,12 +33,22 @@ impl Outcome {
         Self {
             state,
             reason: reason.into(),
+            infra: false,
         }
     }
     fn error(reason: impl Into<String>) -> Self {
         Self::new(JobState::Error, reason)
     }
+    fn infra(reason: impl Into<String>) -> Self {
+        Self {
+            infra: true,
+            ..Self::error(reason)
+        }
+    }
 }
+
+/// Silence from an agent longer than this means it is gone (it heartbeats every 5 s).
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Entry point of a runner task; always leaves the job in a terminal (or requeued) state
 /// and its worker destroyed.
@@ -44,9 +56,28 @@ pub async fn run_job(app: Arc<App>, job: Job, cancel: CancellationToken) {
     let id = job.id;
     let name = id.resource_name();
     let started = Instant::now();
-    let outcome = match app.logs.writer(id).await {
+    let log_limit = app
+        .config
+        .pool(&job.pool)
+        .map(|p| p.log_limit)
+        .unwrap_or(crate::logs::DEFAULT_LOG_CAP);
+    let attempts = app.config.pool(&job.pool).map(|p| p.attempts).unwrap_or(1);
+    let outcome = match app.logs.writer_with_cap(id, log_limit).await {
         Ok(mut log) => {
-            let outcome = run(&app, &job, &cancel, &mut log).await;
+            let mut outcome = run(&app, &job, &cancel, &mut log).await;
+            if outcome.infra && job.attempt < attempts && !cancel.is_cancelled() {
+                let _ = log
+                    .note(&format!(
+                        "the worker failed ({}): retrying on a fresh worker (attempt {} of {attempts})",
+                        outcome.reason,
+                        job.attempt + 1
+                    ))
+                    .await;
+                outcome = Outcome::new(
+                    JobState::Queued,
+                    format!("retrying after: {}", outcome.reason),
+                );
+            }
             let _ = log
                 .note(&format!(
                     "job {}: {} ({}) after {:.1}s",
@@ -332,7 +363,7 @@ async fn run(
             Ok(w) => w,
             Err(e) => {
                 let _ = log.note(&format!("provisioning failed: {e}")).await;
-                return Outcome::error(format!("provisioning failed: {e}"));
+                return Outcome::infra(format!("provisioning failed: {e}"));
             }
         },
         _ = cancel.cancelled() => return cancelled_outcome(app),
@@ -352,21 +383,22 @@ async fn run(
         .await;
     let deadline = tokio::time::Instant::now() + pool.limits.timeout;
 
+    let boot_timeout = app.boot_timeout.unwrap_or(pool.boot_timeout);
     let mut exited = worker.exited.clone();
     let stream = tokio::select! {
         r = listener.accept() => match r {
             Ok((s, _)) => s,
-            Err(e) => return Outcome::error(format!("accepting the agent: {e}")),
+            Err(e) => return Outcome::infra(format!("accepting the agent: {e}")),
         },
         code = async { exited.wait_for(|v| v.is_some()).await.ok().and_then(|v| *v) } => {
             let tail = console_tail(&worker.console_log).await;
             let _ = log.note(&format!("worker exited (code {code:?}) before its agent connected; console:\n{tail}")).await;
-            return Outcome::error(format!("worker exited before its agent connected (code {code:?})"));
+            return Outcome::infra(format!("worker exited before its agent connected (code {code:?})"));
         }
-        _ = tokio::time::sleep(app.boot_timeout) => {
+        _ = tokio::time::sleep(boot_timeout) => {
             let tail = console_tail(&worker.console_log).await;
-            let _ = log.note(&format!("agent did not connect within {}; console:\n{tail}", human(app.boot_timeout))).await;
-            return Outcome::error(format!("agent did not connect within {}", human(app.boot_timeout)));
+            let _ = log.note(&format!("agent did not connect within {}; console:\n{tail}", human(boot_timeout))).await;
+            return Outcome::infra(format!("agent did not connect within {}", human(boot_timeout)));
         }
         _ = cancel.cancelled() => return cancelled_outcome(app),
     };
@@ -376,7 +408,7 @@ async fn run(
     let hello: Result<AgentMsg, ProtoError> =
         match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut rd)).await {
             Ok(r) => r,
-            Err(_) => return Outcome::error("agent connected but sent no hello within 10s"),
+            Err(_) => return Outcome::infra("agent connected but sent no hello within 10s"),
         };
     match hello {
         Ok(AgentMsg::Hello {
@@ -410,7 +442,7 @@ async fn run(
             }
         }
         Ok(other) => return Outcome::error(format!("agent sent {other:?} before hello")),
-        Err(e) => return Outcome::error(format!("reading agent hello: {e}")),
+        Err(e) => return Outcome::infra(format!("reading agent hello: {e}")),
     }
 
     match app
@@ -457,7 +489,7 @@ async fn run(
         }
     }
     if let Err(e) = write_frame(&mut wr, &ServerMsg::Welcome { job: spec }).await {
-        return Outcome::error(format!("sending the job to the agent: {e}"));
+        return Outcome::infra(format!("sending the job to the agent: {e}"));
     }
 
     converse(
@@ -492,10 +524,13 @@ async fn converse(
     let mut failure: Option<Outcome> = None;
     let mut cancel_sent: Option<tokio::time::Instant> = None;
     let mut step_started: BTreeMap<u32, chrono::DateTime<Utc>> = BTreeMap::new();
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         let cancel_grace = cancel_sent.map(|t| t + Duration::from_secs(5));
         tokio::select! {
-            msg = read_frame::<_, AgentMsg>(rd) => match msg {
+            msg = read_frame::<_, AgentMsg>(rd) => {
+              last_heard = tokio::time::Instant::now();
+              match msg {
                 Ok(AgentMsg::Output { seq, data, .. }) => {
                     if seq == last_seq + 1 {
                         if let Err(e) = log.append(&data).await {
@@ -503,11 +538,11 @@ async fn converse(
                         }
                         last_seq = seq;
                         if write_frame(wr, &ServerMsg::Ack { seq }).await.is_err() && cancel_sent.is_none() {
-                            return Outcome::error("lost the agent while acknowledging output");
+                            return Outcome::infra("lost the agent while acknowledging output");
                         }
                     } else if seq > last_seq + 1 {
                         let _ = log.note(&format!("output gap: expected chunk {}, got {seq}", last_seq + 1)).await;
-                        return Outcome::error(format!("agent output gap at chunk {}", last_seq + 1));
+                        return Outcome::infra(format!("agent output gap at chunk {}", last_seq + 1));
                     }
                     // seq <= last_seq: a resend of what is already stored; ignore.
                 }
@@ -583,9 +618,14 @@ async fn converse(
                         return cancelled_outcome(app);
                     }
                     let _ = log.note(&format!("lost the agent: {e}")).await;
-                    return Outcome::error(format!("lost the agent: {e}"));
+                    return Outcome::infra(format!("lost the agent: {e}"));
                 }
+              }
             },
+            _ = tokio::time::sleep_until(last_heard + HEARTBEAT_TIMEOUT) => {
+                let _ = log.note(&format!("no word from the agent for {}s", HEARTBEAT_TIMEOUT.as_secs())).await;
+                return Outcome::infra(format!("agent silent for {}s (heartbeat timeout)", HEARTBEAT_TIMEOUT.as_secs()));
+            }
             _ = cancel.cancelled(), if cancel_sent.is_none() => {
                 let _ = log.note("cancel requested: stopping the running step").await;
                 let _ = write_frame(wr, &ServerMsg::Cancel { reason: "cancelled".into() }).await;

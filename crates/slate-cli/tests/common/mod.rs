@@ -54,6 +54,8 @@ pub struct Options {
     pub extra_pipeline: String,
     pub pool_limits: String,
     pub repo_extra: String,
+    /// Extra lines in the `[[pool]]` table.
+    pub pool_extra: String,
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             extra_pipeline: String::new(),
             pool_limits: r#"{ memory = "256MiB", pids = 256, timeout = "2m" }"#.into(),
             repo_extra: r#"branches = ["main"]"#.into(),
+            pool_extra: String::new(),
         }
     }
 }
@@ -144,6 +147,7 @@ provider = "sandbox"
 image = "{image}"
 max_jobs = {max_jobs}
 limits = {limits}
+{pool_extra}
 
 [[pipeline]]
 name = "default"
@@ -161,6 +165,7 @@ steps = [{steps}]
             image = image().display(),
             max_jobs = opts.max_jobs,
             limits = opts.pool_limits,
+            pool_extra = opts.pool_extra,
             extra = opts.extra_pipeline,
             steps = opts.steps,
         );
