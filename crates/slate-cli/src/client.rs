@@ -12,11 +12,22 @@ pub struct ServerArgs {
     /// Base URL of the slate server.
     #[arg(long, env = "SLATE_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    /// API token (from `slate token create`) for actions: submit, cancel.
+    #[arg(long, env = "SLATE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 impl ServerArgs {
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.server.trim_end_matches('/'), path)
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let req = reqwest::Client::new().post(self.url(path));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
     }
 }
 
@@ -33,8 +44,8 @@ async fn get_json<T: serde::de::DeserializeOwned>(s: &ServerArgs, path: &str) ->
 }
 
 pub async fn submit(s: &ServerArgs, repo: &str, branch: &str, wait: bool) -> Result<i32> {
-    let resp = reqwest::Client::new()
-        .post(s.url("/api/v1/submit"))
+    let resp = s
+        .post("/api/v1/submit")
         .json(&serde_json::json!({"repo": repo, "branch": branch}))
         .send()
         .await
@@ -173,8 +184,8 @@ pub async fn jobs(s: &ServerArgs, build: i64, json: bool) -> Result<i32> {
 }
 
 pub async fn cancel(s: &ServerArgs, job: i64) -> Result<i32> {
-    let resp = reqwest::Client::new()
-        .post(s.url(&format!("/api/v1/jobs/{job}/cancel")))
+    let resp = s
+        .post(&format!("/api/v1/jobs/{job}/cancel"))
         .send()
         .await
         .with_context(|| format!("connecting to {}", s.server))?;

@@ -1,7 +1,9 @@
 //! `slate`: the server and its command-line client, thin over the libraries.
 
+mod bench;
 mod client;
 mod fake_github;
+mod image_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -84,6 +86,17 @@ enum Command {
         #[command(flatten)]
         server: client::ServerArgs,
     },
+    /// Measure sandbox cost, image-size independence, webhook latency and ingest (as root).
+    Bench {
+        #[command(flatten)]
+        args: bench::BenchArgs,
+    },
+    /// Base images: build a recipe into a new version, list versions, collect old ones.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
+    /// Manage API tokens (stored hashed; a token is shown once, when created).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// A stand-in for GitHub's status API that records what it receives (demos, offline use).
     #[command(hide = true)]
     FakeGithub {
@@ -95,6 +108,16 @@ enum Command {
         /// Write the bound address here once listening.
         #[arg(long)]
         addr_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token for the API (`Authorization: Bearer`) and the web UI's login.
+    Create {
+        name: String,
+        #[arg(long, short, env = "SLATE_CONFIG", default_value = "slate.toml")]
+        config: PathBuf,
     },
 }
 
@@ -214,6 +237,20 @@ async fn run(cli: Cli) -> Result<i32> {
             server,
         } => client::jobs(&server, build, json).await,
         Command::Cancel { job, server } => client::cancel(&server, job).await,
+        Command::Bench { args } => bench::run(args).await,
+        Command::Image(cmd) => image_cmd::run(cmd).await,
+        Command::Token(TokenCommand::Create { name, config }) => {
+            let c = load_config(&config)?;
+            let store = slate_store::open_store(
+                c.server.database.as_deref().unwrap_or(""),
+                &c.server.data_dir.join("slate.db"),
+            )
+            .await?;
+            let (id, token) = slate_server::ui::auth::create_token(store.as_ref(), &name).await?;
+            eprintln!("token {id} ({name}) created; it is shown only once:");
+            println!("{token}");
+            Ok(0)
+        }
         Command::FakeGithub {
             listen,
             record,

@@ -293,6 +293,21 @@ fn kill_9_while_a_job_is_queued_then_restart_runs_it() {
 #[test]
 fn submit_of_a_branch_runs_the_deploy_step() {
     let s = Slate::start(Options::default());
+    // Actions need an API token.
+    let anon = reqwest::blocking::Client::new()
+        .post(format!("{}/api/v1/submit", s.url))
+        .json(&serde_json::json!({"repo": REPO, "branch": "main"}))
+        .send()
+        .unwrap();
+    assert_eq!(anon.status().as_u16(), 401);
+    let forged = reqwest::blocking::Client::new()
+        .post(format!("{}/api/v1/submit", s.url))
+        .bearer_auth("not-a-token")
+        .json(&serde_json::json!({"repo": REPO, "branch": "main"}))
+        .send()
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 401);
+    assert!(s.builds().is_empty());
     let out = s.cli(&["submit", "--repo", REPO, "--ref", "main", "--wait"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

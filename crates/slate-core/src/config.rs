@@ -52,10 +52,18 @@ impl fmt::Display for ConfigErrors {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
+    pub ui: UiSettings,
     pub github: Option<GithubConfig>,
     pub repos: Vec<RepoConfig>,
     pub pools: Vec<PoolConfig>,
     pub pipelines: Vec<PipelineConfig>,
+}
+
+/// `[ui]`: the web pages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UiSettings {
+    /// Every page (and the read API) needs a login; reading is public by default.
+    pub require_login: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +76,9 @@ pub struct ServerConfig {
     pub agent_binary: Option<PathBuf>,
     /// Base URL used for links in statuses (defaults to `http://<listen>`).
     pub public_url: Option<String>,
+    /// TCP address where agents on machines slate does not run itself (exec pools,
+    /// remote hosts) dial in; `None` disables it.
+    pub agent_listen: Option<String>,
 }
 
 /// Where a secret comes from.
@@ -98,13 +109,94 @@ pub struct RepoConfig {
     pub url: String,
     pub pipeline: String,
     pub checkout: Checkout,
-    /// Branches whose pushes are built (trusted builds).
+    /// Branches whose pushes are built.
     pub branches: Vec<String>,
+    /// Branches whose builds are trusted: they may promote new cache files into the
+    /// shared mirrors. Defaults to `branches`.
+    pub trusted_branches: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
     Sandbox,
+    Qemu,
+    Exec,
+}
+
+impl ProviderKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProviderKind::Sandbox => "sandbox",
+            ProviderKind::Qemu => "qemu",
+            ProviderKind::Exec => "exec",
+        }
+    }
+}
+
+/// How a shared cache appears in a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// The mirror, read-only: the job reads everything and changes nothing.
+    Ro,
+    /// The mirror below (and the PR's own layer), a per-job writable layer on top.
+    Overlay,
+}
+
+/// Where files a job added to an overlay cache go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promote {
+    Never,
+    /// Into the shared mirror for trusted builds (pushes to `trusted_branches`); a PR's
+    /// files always go only to that PR's own layer.
+    Trusted,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    pub name: String,
+    /// Host directory of the mirror.
+    pub source: PathBuf,
+    /// Path inside the worker.
+    pub target: String,
+    pub mode: CacheMode,
+    pub promote: Promote,
+}
+
+/// Hooks of an `exec` pool: operator commands that create, destroy and list machines.
+#[derive(Clone, PartialEq)]
+pub struct ExecHooks {
+    pub create: Vec<String>,
+    pub destroy: Vec<String>,
+    pub list: Vec<String>,
+    pub timeout: Duration,
+    pub destroy_retries: u32,
+    pub retry_backoff: Duration,
+    /// What the machine's agent dials (`tcp:HOST:PORT`); defaults to `[server] agent_listen`.
+    pub agent_url: Option<String>,
+    /// Extra environment of every hook; values may be credentials.
+    pub env: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ExecHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecHooks")
+            .field("create", &self.create)
+            .field("destroy", &self.destroy)
+            .field("list", &self.list)
+            .field("timeout", &self.timeout)
+            .field("agent_url", &self.agent_url)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Which planner turns a change into jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlannerKind {
+    /// One job per pool.
+    Pools,
+    /// One job per changed MacPorts port and pool.
+    Macports,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +232,14 @@ pub struct PoolConfig {
     pub boot_timeout: Duration,
     /// Cap on one job's log; output beyond it is dropped with a marker.
     pub log_limit: u64,
+    /// Shared caches mounted into every job of the pool.
+    pub caches: Vec<CacheConfig>,
+    /// VMs kept booted and idle, each for one future job (qemu pools).
+    pub warm: u32,
+    /// Hooks of an exec pool.
+    pub exec: Option<ExecHooks>,
+    /// Directory the steps run in inside the worker (`/workspace` unless set).
+    pub workdir: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -175,6 +275,9 @@ pub struct PipelineConfig {
     pub paths: Vec<String>,
     pub steps: Vec<StepConfig>,
     pub env: BTreeMap<String, String>,
+    pub planner: PlannerKind,
+    /// Most ports a PortGroup change may select (macports planner).
+    pub portgroup_limit: usize,
 }
 
 impl Config {
@@ -226,6 +329,7 @@ impl Config {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     server: Option<RawServer>,
+    ui: Option<RawUi>,
     github: Option<RawGithub>,
     #[serde(default)]
     repo: Vec<RawRepo>,
@@ -237,12 +341,20 @@ struct RawConfig {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawUi {
+    #[serde(default)]
+    require_login: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<Spanned<String>>,
     data_dir: Option<PathBuf>,
     database: Option<Spanned<String>>,
     agent_binary: Option<PathBuf>,
     public_url: Option<String>,
+    agent_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +376,7 @@ struct RawRepo {
     checkout: Option<Spanned<String>>,
     #[serde(default)]
     branches: Vec<String>,
+    trusted_branches: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -278,6 +391,36 @@ struct RawPool {
     runtime: Option<String>,
     attempts: Option<Spanned<i64>>,
     boot_timeout: Option<Spanned<String>>,
+    warm: Option<Spanned<i64>>,
+    #[serde(default)]
+    cache: Vec<RawCache>,
+    exec: Option<Spanned<RawExec>>,
+    workdir: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExec {
+    create: Vec<String>,
+    destroy: Vec<String>,
+    #[serde(default)]
+    list: Vec<String>,
+    hook_timeout: Option<Spanned<String>>,
+    destroy_retries: Option<u32>,
+    retry_backoff: Option<Spanned<String>>,
+    agent_url: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    name: Spanned<String>,
+    source: PathBuf,
+    target: Spanned<String>,
+    mode: Option<Spanned<String>>,
+    promote: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -301,6 +444,8 @@ struct RawPipeline {
     steps: Vec<RawStep>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    planner: Option<Spanned<String>>,
+    portgroup_limit: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -369,8 +514,21 @@ impl Validator<'_> {
                         );
                     }
                 }
+                if let Some(a) = &s.agent_listen {
+                    if a.get_ref().parse::<std::net::SocketAddr>().is_err() {
+                        self.err(
+                            a.span(),
+                            "server.agent_listen",
+                            format!(
+                                "expected an address like \"0.0.0.0:8081\", found {:?}",
+                                a.get_ref()
+                            ),
+                        );
+                    }
+                }
                 ServerConfig {
                     listen,
+                    agent_listen: s.agent_listen.map(Spanned::into_inner),
                     data_dir: s
                         .data_dir
                         .unwrap_or_else(|| PathBuf::from("/var/lib/slate")),
@@ -385,6 +543,7 @@ impl Validator<'_> {
                 database: None,
                 agent_binary: None,
                 public_url: None,
+                agent_listen: None,
             },
         };
 
@@ -437,14 +596,15 @@ impl Validator<'_> {
                     format!("pool {:?} is defined twice", p.name.get_ref()),
                 );
             }
-            let provider = match &p.provider {
-                None => ProviderKind::Sandbox,
-                Some(s) if s.get_ref() == "sandbox" => ProviderKind::Sandbox,
-                Some(s) => {
+            let provider = match p.provider.as_ref().map(|s| s.get_ref().as_str()) {
+                None | Some("sandbox") => ProviderKind::Sandbox,
+                Some("qemu") => ProviderKind::Qemu,
+                Some("exec") => ProviderKind::Exec,
+                Some(other) => {
                     self.err(
-                        s.span(),
+                        p.provider.as_ref().unwrap().span(),
                         key("provider"),
-                        format!("expected \"sandbox\", found {:?}", s.get_ref()),
+                        format!("expected \"sandbox\", \"qemu\" or \"exec\", found {other:?}"),
                     );
                     ProviderKind::Sandbox
                 }
@@ -485,8 +645,15 @@ impl Validator<'_> {
                     2
                 }
             };
+            // A sandbox's agent starts at once; a VM boots first (~8 s under TCG, much
+            // more on a loaded host); an exec machine may be a macOS VM cloned and booted.
+            let default_boot = match provider {
+                ProviderKind::Sandbox => Duration::from_secs(30),
+                ProviderKind::Qemu => Duration::from_secs(120),
+                ProviderKind::Exec => Duration::from_secs(600),
+            };
             let boot_timeout = match &p.boot_timeout {
-                None => Duration::from_secs(30),
+                None => default_boot,
                 Some(t) => match parse_duration(t.get_ref()) {
                     Ok(d) if !d.is_zero() => d,
                     Ok(_) => {
@@ -503,6 +670,149 @@ impl Validator<'_> {
                     }
                 },
             };
+            let warm = match &p.warm {
+                None => 0,
+                Some(w) if (0..=64).contains(w.get_ref()) => *w.get_ref() as u32,
+                Some(w) => {
+                    self.err(
+                        w.span(),
+                        key("warm"),
+                        format!("expected a number from 0 to 64, found {}", w.get_ref()),
+                    );
+                    0
+                }
+            };
+            if warm > 0 && provider != ProviderKind::Qemu {
+                if let Some(w) = &p.warm {
+                    self.err(
+                        w.span(),
+                        key("warm"),
+                        "warm pools are for provider = \"qemu\"",
+                    );
+                }
+            }
+            let exec = match (&p.exec, provider) {
+                (Some(e), ProviderKind::Exec) => {
+                    let span = e.span();
+                    let e = e.get_ref();
+                    let mut dur = |v: &Option<Spanned<String>>, k: &str, default: u64| match v {
+                        None => Duration::from_secs(default),
+                        Some(t) => match parse_duration(t.get_ref()) {
+                            Ok(d) if !d.is_zero() => d,
+                            Ok(_) => {
+                                self.err(t.span(), key(k), "expected a duration above zero");
+                                Duration::from_secs(default)
+                            }
+                            Err(msg) => {
+                                self.err(t.span(), key(k), msg);
+                                Duration::from_secs(default)
+                            }
+                        },
+                    };
+                    let timeout = dur(&e.hook_timeout, "exec.hook_timeout", 600);
+                    let retry_backoff = dur(&e.retry_backoff, "exec.retry_backoff", 2);
+                    if e.create.is_empty() || e.destroy.is_empty() {
+                        self.err(
+                            span,
+                            key("exec"),
+                            "expected `create` and `destroy` commands (argv arrays)",
+                        );
+                    }
+                    Some(ExecHooks {
+                        create: e.create.clone(),
+                        destroy: e.destroy.clone(),
+                        list: e.list.clone(),
+                        timeout,
+                        destroy_retries: e.destroy_retries.unwrap_or(5),
+                        retry_backoff,
+                        agent_url: e.agent_url.clone(),
+                        env: e.env.clone(),
+                    })
+                }
+                (None, ProviderKind::Exec) => {
+                    self.err(
+                        p.name.span(),
+                        key("exec"),
+                        "an exec pool needs a [pool.exec] table with `create` and `destroy` hooks",
+                    );
+                    None
+                }
+                (Some(e), _) => {
+                    self.err(e.span(), key("exec"), "hooks are for provider = \"exec\"");
+                    None
+                }
+                (None, _) => None,
+            };
+            let workdir = match &p.workdir {
+                Some(w) if !w.get_ref().starts_with('/') => {
+                    self.err(
+                        w.span(),
+                        key("workdir"),
+                        format!("expected an absolute path, found {:?}", w.get_ref()),
+                    );
+                    None
+                }
+                Some(w) => Some(w.get_ref().clone()),
+                None => None,
+            };
+            let mut caches = Vec::new();
+            let mut cache_names = HashSet::new();
+            for (j, c) in p.cache.iter().enumerate() {
+                let ckey = |k: &str| format!("pool[{i}].cache[{j}].{k}");
+                if !valid_name(c.name.get_ref()) || !cache_names.insert(c.name.get_ref().clone()) {
+                    self.err(c.name.span(), ckey("name"), format!("expected a unique name of letters, digits, '-', '_' or '.', found {:?}", c.name.get_ref()));
+                }
+                if !c.target.get_ref().starts_with('/')
+                    || c.target.get_ref().split('/').any(|x| x == "..")
+                {
+                    self.err(
+                        c.target.span(),
+                        ckey("target"),
+                        format!(
+                            "expected an absolute path inside the worker, found {:?}",
+                            c.target.get_ref()
+                        ),
+                    );
+                }
+                let mode = match c.mode.as_ref().map(|m| m.get_ref().as_str()) {
+                    None | Some("ro") => CacheMode::Ro,
+                    Some("overlay") => CacheMode::Overlay,
+                    Some(other) => {
+                        self.err(
+                            c.mode.as_ref().unwrap().span(),
+                            ckey("mode"),
+                            format!("expected \"ro\" or \"overlay\", found {other:?}"),
+                        );
+                        CacheMode::Ro
+                    }
+                };
+                let promote = match c.promote.as_ref().map(|m| m.get_ref().as_str()) {
+                    None | Some("never") => Promote::Never,
+                    Some("trusted") => Promote::Trusted,
+                    Some(other) => {
+                        self.err(
+                            c.promote.as_ref().unwrap().span(),
+                            ckey("promote"),
+                            format!("expected \"never\" or \"trusted\", found {other:?}"),
+                        );
+                        Promote::Never
+                    }
+                };
+                if mode == CacheMode::Ro && promote != Promote::Never {
+                    self.err(
+                        c.promote.as_ref().unwrap().span(),
+                        ckey("promote"),
+                        "a read-only cache never promotes: use mode = \"overlay\"",
+                    );
+                }
+                caches.push(CacheConfig {
+                    name: c.name.get_ref().clone(),
+                    source: c.source.clone(),
+                    target: c.target.get_ref().clone(),
+                    mode,
+                    promote,
+                });
+            }
             let mut log_limit: u64 = 64 << 20;
             let mut limits = Limits {
                 memory_bytes: None,
@@ -570,6 +880,10 @@ impl Validator<'_> {
                 attempts,
                 boot_timeout,
                 log_limit,
+                caches,
+                warm,
+                exec,
+                workdir,
             });
         }
 
@@ -639,7 +953,33 @@ impl Validator<'_> {
             if steps.is_empty() {
                 self.err(p.name.span(), key("steps"), "expected at least one step");
             }
+            let planner = match p.planner.as_ref().map(|x| x.get_ref().as_str()) {
+                None | Some("pools") => PlannerKind::Pools,
+                Some("macports") => PlannerKind::Macports,
+                Some(other) => {
+                    self.err(
+                        p.planner.as_ref().unwrap().span(),
+                        key("planner"),
+                        format!("expected \"pools\" or \"macports\", found {other:?}"),
+                    );
+                    PlannerKind::Pools
+                }
+            };
+            let portgroup_limit = match &p.portgroup_limit {
+                None => 50,
+                Some(l) if *l.get_ref() >= 0 => *l.get_ref() as usize,
+                Some(l) => {
+                    self.err(
+                        l.span(),
+                        key("portgroup_limit"),
+                        format!("expected a number of ports, found {}", l.get_ref()),
+                    );
+                    50
+                }
+            };
             pipelines.push(PipelineConfig {
+                planner,
+                portgroup_limit,
                 name: p.name.into_inner(),
                 pools: p.pools.into_iter().map(Spanned::into_inner).collect(),
                 paths: p.paths.into_iter().map(Spanned::into_inner).collect(),
@@ -685,12 +1025,16 @@ impl Validator<'_> {
                 url: r.url,
                 pipeline: r.pipeline.into_inner(),
                 checkout,
+                trusted_branches: r.trusted_branches.unwrap_or_else(|| r.branches.clone()),
                 branches: r.branches,
             });
         }
 
         Config {
             server,
+            ui: UiSettings {
+                require_login: raw.ui.map(|u| u.require_login).unwrap_or(false),
+            },
             github,
             repos,
             pools,
@@ -869,6 +1213,81 @@ steps = [
     fn syntax_error_is_located() {
         let e = Config::parse("[server]\nlisten = \n", "x.toml").unwrap_err();
         assert_eq!(e.0[0].line, 2);
+    }
+
+    #[test]
+    fn caches_providers_and_planner_parse() {
+        let text = r#"
+[[repo]]
+name = "macports/macports-ports"
+url = "https://github.com/macports/macports-ports.git"
+pipeline = "ports"
+branches = ["master"]
+
+[[pool]]
+name = "vm"
+provider = "qemu"
+image = "/srv/images/vm"
+warm = 1
+
+[[pool.cache]]
+name = "packages"
+source = "/srv/mirror/packages"
+target = "/opt/local/var/macports/incoming/verified"
+mode = "ro"
+
+[[pool.cache]]
+name = "distfiles"
+source = "/srv/mirror/distfiles"
+target = "/opt/local/var/macports/distfiles"
+mode = "overlay"
+promote = "trusted"
+
+[[pool]]
+name = "mac"
+provider = "exec"
+image = "macos-14"
+workdir = "/Users/admin/workspace"
+
+[pool.exec]
+create = ["/etc/slate/hooks/create"]
+destroy = ["/etc/slate/hooks/destroy"]
+list = ["/etc/slate/hooks/list"]
+env = { TOKEN = "s3cret" }
+
+[[pipeline]]
+name = "ports"
+pools = ["vm", "mac"]
+planner = "macports"
+portgroup_limit = 20
+steps = [{ name = "install", run = "mpbb install-port {port}" }]
+"#;
+        let c = Config::parse(text, "x.toml").unwrap();
+        assert_eq!(c.repos[0].trusted_branches, vec!["master".to_string()]);
+        let vm = c.pool("vm").unwrap();
+        assert_eq!((vm.provider, vm.warm), (ProviderKind::Qemu, 1));
+        assert_eq!(vm.caches[0].mode, CacheMode::Ro);
+        assert_eq!(vm.caches[1].promote, Promote::Trusted);
+        let mac = c.pool("mac").unwrap();
+        assert_eq!(mac.exec.as_ref().unwrap().timeout, Duration::from_secs(600));
+        assert_eq!(
+            mac.exec.as_ref().unwrap().create,
+            vec!["/etc/slate/hooks/create".to_string()]
+        );
+        assert_eq!(c.pipelines[0].planner, PlannerKind::Macports);
+        assert_eq!(c.pipelines[0].portgroup_limit, 20);
+
+        let bad = text.replace("mode = \"overlay\"", "mode = \"union\"");
+        let e = Config::parse(&bad, "x.toml").unwrap_err();
+        assert_eq!(e.0[0].key, "pool[0].cache[1].mode", "{e}");
+        assert!(!format!("{:?}", mac.exec).contains("s3cret"));
+        let bad = text.replace("[pool.exec]", "[pool.other]");
+        assert!(Config::parse(&bad, "x.toml").is_err());
+        let bad = text.replace("create = [\"/etc/slate/hooks/create\"]\n", "");
+        let e = Config::parse(&bad, "x.toml").unwrap_err();
+        assert!(e.0[0].message.contains("create"), "{e}");
+        let bad = text.replace("warm = 1", "warm = 1\nprovider_typo = 2");
+        assert!(Config::parse(&bad, "x.toml").is_err());
     }
 
     #[test]

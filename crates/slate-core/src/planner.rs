@@ -52,6 +52,8 @@ mod tests {
             paths: paths.iter().map(|s| s.to_string()).collect(),
             steps: vec![],
             env: BTreeMap::new(),
+            planner: crate::config::PlannerKind::Pools,
+            portgroup_limit: 50,
         }
     }
 

@@ -196,6 +196,7 @@ fn bench_spec(image: &Path, agent: &Path, sock: &Path, n: i64) -> WorkerSpec {
         },
         network: Network::None,
         runtime: "runc".into(),
+        mounts: Vec::new(),
     }
 }
 

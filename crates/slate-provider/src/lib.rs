@@ -4,8 +4,12 @@
 //! (see [`slate_core::JobId::resource_name`]), so `list()` after a crash finds it, and
 //! `destroy()` of something already gone succeeds.
 
+pub mod exec;
+pub mod qemu;
 pub mod sandbox;
 
+pub use exec::{ExecCache, ExecConfig, ExecProvider};
+pub use qemu::{QemuConfig, QemuProvider};
 pub use sandbox::SandboxProvider;
 
 use async_trait::async_trait;
@@ -52,6 +56,18 @@ pub struct WorkerSpec {
     pub network: Network,
     /// OCI runtime binary (`runc` by default).
     pub runtime: String,
+    /// Host directories bind-mounted into the worker (shared caches), in order.
+    pub mounts: Vec<WorkerMount>,
+}
+
+/// A host directory that appears at `target` inside the worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerMount {
+    pub host_path: PathBuf,
+    /// Absolute path inside the worker.
+    pub target: String,
+    /// Writes fail with EROFS.
+    pub read_only: bool,
 }
 
 /// Where the agent binary appears inside a worker.

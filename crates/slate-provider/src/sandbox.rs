@@ -141,6 +141,7 @@ impl SandboxProvider {
             agent_binary: &agent,
             socket_dir: &socket_dir,
             workspace: &workspace,
+            mounts: &spec.mounts,
             token: &spec.agent_token,
             limits: &spec.limits,
             swap_limit: swap_accounting(),

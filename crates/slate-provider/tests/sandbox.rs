@@ -72,6 +72,7 @@ impl Fixture {
             },
             network: Network::None,
             runtime: "runc".into(),
+            mounts: Vec::new(),
         }
     }
 

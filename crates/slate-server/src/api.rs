@@ -4,7 +4,7 @@ use crate::app::App;
 use crate::events::SubmitRequest;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -157,21 +157,48 @@ pub async fn get_job(
     Ok(Json(job_view(&app, j, true).await?))
 }
 
+/// Mutating endpoints need an API token (`Authorization: Bearer`).
+async fn authorize(app: &App, headers: &HeaderMap) -> Result<crate::ui::auth::Principal, Response> {
+    crate::ui::auth::bearer(app, headers)
+        .await
+        .map_err(crate::ui::auth::unauthorized)
+}
+
 pub async fn cancel_job(
     State(app): State<Arc<App>>,
     Path(id): Path<i64>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    app.store.get_job(JobId(id)).await?;
+    headers: HeaderMap,
+) -> Result<Response, Response> {
+    let who = authorize(&app, &headers).await?;
+    app.store
+        .get_job(JobId(id))
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
     let moved = app
-        .cancel_job(JobId(id), "cancelled through the api")
-        .await?;
-    Ok(Json(json!({"cancelled": moved})))
+        .cancel_job(
+            JobId(id),
+            &format!("cancelled through the api by {}", who.name),
+        )
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    Ok(Json(json!({"cancelled": moved})).into_response())
 }
 
 pub async fn submit(
     State(app): State<Arc<App>>,
-    Json(req): Json<SubmitRequest>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    // Authentication first: an anonymous caller learns nothing about the body's format.
+    if let Err(resp) = authorize(&app, &headers).await {
+        return Ok(resp);
+    }
+    let req: SubmitRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid submit request: {e}"),
+        )
+    })?;
     let Some(repo) = app.config.repo(&req.repo).cloned() else {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -185,13 +212,12 @@ pub async fn submit(
         ));
     }
     let payload = serde_json::to_vec(&req).expect("serializable");
+    // A random delivery id: every submit is a new event.
     let delivery = format!(
         "submit-{}",
-        crate::runner::token_hash(&format!(
-            "{:?}{}",
-            std::time::SystemTime::now(),
-            std::process::id()
-        ))
+        hex::encode(crate::agents::token_hash(&crate::agents::new_token(
+            slate_core::JobId(0)
+        )))
     );
     // The event is durable first; it is then handled right here so the caller learns the
     // build id. The event loop skips it because it is marked processed under the same lock.
@@ -312,34 +338,6 @@ pub async fn job_log(
         Body::from_stream(stream),
     )
         .into_response())
-}
-
-pub async fn job_page(
-    State(app): State<Arc<App>>,
-    Path(id): Path<i64>,
-) -> Result<Response, ApiError> {
-    let j = app.store.get_job(JobId(id)).await?;
-    let v = job_view(&app, j, true).await?;
-    let mut text = format!(
-        "job {} ({}) on pool {}: {}{}\n\n",
-        v.id,
-        v.build_id,
-        v.pool,
-        v.state,
-        v.reason.map(|r| format!(" — {r}")).unwrap_or_default()
-    );
-    for s in &v.steps {
-        text.push_str(&format!(
-            "  step {:<20} {:<16} exit {}\n",
-            s.name,
-            s.outcome.clone().unwrap_or_else(|| "running".into()),
-            s.exit_code
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "-".into())
-        ));
-    }
-    text.push_str(&format!("\nlog: {}\n", v.log_url));
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
 pub async fn healthz() -> &'static str {

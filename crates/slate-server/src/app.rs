@@ -9,7 +9,7 @@ use slate_forge::reporter::Reporter;
 use slate_forge::status::{GithubStatuses, StatusUpdate};
 use slate_provider::sandbox::SandboxProvider;
 use slate_provider::Provider;
-use slate_store::{SqliteStore, Store};
+use slate_store::Store;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -39,8 +39,16 @@ pub enum StartError {
     Database(String),
     #[error("agent binary {0} does not exist: build it or set [server] agent_binary")]
     NoAgent(PathBuf),
-    #[error("pool {pool}: image {image} is not a directory")]
+    #[error("pool {pool}: image {image} is missing")]
     Image { pool: String, image: PathBuf },
+    #[error("pool {pool}: cache {cache}: source {source_dir} is not a directory")]
+    Cache {
+        pool: String,
+        cache: String,
+        source_dir: PathBuf,
+    },
+    #[error("pool {pool}: an exec pool's agents dial back over tcp: set [server] agent_listen or [pool.exec] agent_url")]
+    NoAgentListener { pool: String },
     #[error("github client: {0}")]
     Forge(String),
 }
@@ -73,6 +81,10 @@ pub struct App {
     /// Cancellation handles of jobs running in this process.
     pub running: Mutex<HashMap<JobId, CancellationToken>>,
     pub shutdown: CancellationToken,
+    /// Jobs waiting for their agents, by token.
+    pub agents: crate::agents::AgentRegistry,
+    /// Shared caches: mirrors, PR layers, per-job overlays.
+    pub caches: Arc<slate_cache::CacheManager>,
 }
 
 /// Read a secret from its configured source.
@@ -131,16 +143,12 @@ impl App {
             source,
         })?;
 
-        let store: Arc<dyn Store> = match &config.server.database {
-            None => Arc::new(SqliteStore::open(&data_dir.join("slate.db")).await?),
-            Some(url) if url.starts_with("sqlite:") => {
-                let path = url
-                    .trim_start_matches("sqlite://")
-                    .trim_start_matches("sqlite:");
-                Arc::new(SqliteStore::open(std::path::Path::new(path)).await?)
-            }
-            Some(other) => return Err(StartError::Database(other.clone())),
-        };
+        // SQLite in the data dir unless `[server] database` names PostgreSQL.
+        let store: Arc<dyn Store> = slate_store::open_store(
+            config.server.database.as_deref().unwrap_or(""),
+            &data_dir.join("slate.db"),
+        )
+        .await?;
 
         let (webhook_secret, reporter) = match &config.github {
             Some(gh) => {
@@ -177,10 +185,34 @@ impl App {
             return Err(StartError::NoAgent(agent_binary));
         }
 
+        let caches = Arc::new(
+            slate_cache::CacheManager::new(data_dir.join("caches")).map_err(|e| {
+                StartError::DataDir {
+                    path: data_dir.join("caches"),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?,
+        );
+        for pool in &config.pools {
+            for c in &pool.caches {
+                if !c.source.is_dir() {
+                    return Err(StartError::Cache {
+                        pool: pool.name.clone(),
+                        cache: c.name.clone(),
+                        source_dir: c.source.clone(),
+                    });
+                }
+            }
+        }
         let sandbox: Arc<dyn Provider> = Arc::new(SandboxProvider::new(workers_dir));
+        let qemu = Arc::new(slate_provider::QemuProvider::new(
+            mk(data_dir.join("vm-workers"))?,
+            slate_provider::QemuConfig::default(),
+        ));
         let mut providers = HashMap::new();
         for pool in &config.pools {
-            if !pool.image.is_dir() {
+            // An exec pool's image is the hooks' business (a VM name, an inventory path).
+            if pool.provider != ProviderKind::Exec && !pool.image.is_dir() {
                 return Err(StartError::Image {
                     pool: pool.name.clone(),
                     image: pool.image.clone(),
@@ -188,6 +220,63 @@ impl App {
             }
             match pool.provider {
                 ProviderKind::Sandbox => providers.insert(pool.name.clone(), sandbox.clone()),
+                ProviderKind::Qemu => {
+                    for f in ["disk.qcow2", "vmlinuz", "initrd.img"] {
+                        if !pool.image.join(f).is_file() {
+                            return Err(StartError::Image {
+                                pool: pool.name.clone(),
+                                image: pool.image.join(f),
+                            });
+                        }
+                    }
+                    // Probe KVM once now (a few seconds at most), not on the first job.
+                    let (q, image) = (qemu.clone(), pool.image.clone());
+                    tokio::spawn(async move {
+                        let accel = q.accel(&image).await;
+                        tracing::info!(?accel, "vm acceleration");
+                    });
+                    providers.insert(pool.name.clone(), qemu.clone() as Arc<dyn Provider>)
+                }
+                ProviderKind::Exec => {
+                    let hooks = pool.exec.clone().expect("validated: exec pools have hooks");
+                    let agent_url = match (&hooks.agent_url, &config.server.agent_listen) {
+                        (Some(u), _) => u.clone(),
+                        (None, Some(l)) => format!("tcp:{l}"),
+                        (None, None) => {
+                            return Err(StartError::NoAgentListener {
+                                pool: pool.name.clone(),
+                            })
+                        }
+                    };
+                    let cfg = slate_provider::ExecConfig {
+                        create: hooks.create,
+                        destroy: hooks.destroy,
+                        list: hooks.list,
+                        hook_timeout: hooks.timeout,
+                        destroy_retries: hooks.destroy_retries,
+                        retry_backoff: hooks.retry_backoff,
+                        server_agent_url: agent_url,
+                        env: hooks.env,
+                        caches: pool
+                            .caches
+                            .iter()
+                            .map(|c| slate_provider::ExecCache {
+                                name: c.name.clone(),
+                                mode: match c.mode {
+                                    slate_core::config::CacheMode::Ro => "ro".into(),
+                                    slate_core::config::CacheMode::Overlay => "overlay".into(),
+                                },
+                                source: c.source.display().to_string(),
+                                target: c.target.clone(),
+                            })
+                            .collect(),
+                    };
+                    let root = mk(data_dir.join("exec-workers").join(&pool.name))?;
+                    providers.insert(
+                        pool.name.clone(),
+                        Arc::new(slate_provider::ExecProvider::new(root, cfg)) as Arc<dyn Provider>,
+                    )
+                }
             };
         }
 
@@ -221,6 +310,8 @@ impl App {
             event_lock: tokio::sync::Mutex::new(()),
             running: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            agents: crate::agents::AgentRegistry::default(),
+            caches,
         }))
     }
 

@@ -64,6 +64,16 @@ async fn handle_event(app: &Arc<App>, e: &StoredEvent) -> Result<(), String> {
                     };
                     if pr.action.cancels() {
                         cancel_pr(app, &repo.name, pr.number, "pull request closed").await?;
+                        // The PR's own cache layers go with it (or expire later if a job
+                        // still has them mounted).
+                        let caches = app.caches.clone();
+                        let (name, number) = (repo.name.clone(), pr.number);
+                        let _ = tokio::task::spawn_blocking(move || {
+                            if let Err(e) = caches.remove_pr(&name, number) {
+                                tracing::info!(repo = %name, pr = number, error = %e, "pr cache layer kept for now");
+                            }
+                        })
+                        .await;
                         return Ok(());
                     }
                     if pr.action.builds(pr.draft) {

@@ -2,6 +2,7 @@
 //!
 //! [`start`] takes a bound listener and a shutdown future, so tests bind port 0.
 
+pub mod agents;
 pub mod api;
 pub mod app;
 pub mod events;
@@ -11,6 +12,7 @@ pub mod metrics;
 pub mod recovery;
 pub mod runner;
 pub mod scheduler;
+pub mod ui;
 pub mod webhook;
 
 pub use app::{App, AppOptions, StartError};
@@ -23,7 +25,13 @@ use std::sync::Arc;
 
 /// The HTTP routes.
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
+    let ui = ui::UiConfig::of(&app);
+    router_with_ui(app, ui)
+}
+
+/// [`router`] with explicit web UI settings.
+pub fn router_with_ui(app: Arc<App>, ui: ui::UiConfig) -> Router {
+    let core = Router::new()
         .route(
             "/hooks/github",
             post(webhook::github_hook).layer(DefaultBodyLimit::max(webhook::MAX_WEBHOOK_BODY)),
@@ -36,8 +44,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/jobs/{id}/log", get(api::job_log))
         .route("/api/v1/jobs/{id}/cancel", post(api::cancel_job))
         .route("/api/v1/submit", post(api::submit))
-        .route("/jobs/{id}", get(api::job_page))
-        .with_state(app)
+        .with_state(app.clone());
+    // The web UI (`/`, `/jobs/{id}` which statuses link to, …) wraps the rest.
+    ui::router_with(app, core, ui)
 }
 
 /// Recover from any earlier crash, start the background tasks and serve HTTP until
@@ -57,6 +66,14 @@ pub async fn start(
             "recovered from an earlier run"
         );
     }
+    let agents_tcp = match &app.config.server.agent_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(addr = %l.local_addr()?, "agents may dial in over tcp");
+            Some(tokio::spawn(runner::accept_tcp(app.clone(), l)))
+        }
+        None => None,
+    };
     let events = tokio::spawn(events::event_loop(app.clone()));
     let sched = tokio::spawn(scheduler::scheduler_loop(app.clone()));
     let token = app.shutdown.clone();
@@ -69,6 +86,9 @@ pub async fn start(
     app.shutdown.cancel();
     let _ = events.await;
     let _ = sched.await;
+    if let Some(t) = agents_tcp {
+        let _ = t.await;
+    }
     // Runners see the shutdown token, destroy their workers and requeue their jobs.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !app.running.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {

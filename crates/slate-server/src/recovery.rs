@@ -47,10 +47,26 @@ pub async fn recover(app: &Arc<App>) -> Result<RecoveryReport, slate_store::Stor
         }
     }
     for name in names {
-        crate::runner::cleanup(app, &name).await;
+        crate::runner::cleanup(app, &name, None).await;
         app.metrics.leaked_workers_cleaned.inc();
         tracing::info!(worker = %name, "destroyed leftover worker");
         report.workers_destroyed.push(name);
+    }
+    // Cache overlays of jobs that no longer run (workers are gone by now).
+    let caches = app.caches.clone();
+    let leftovers = tokio::task::spawn_blocking(move || -> Vec<String> {
+        let names = caches.list_jobs().unwrap_or_default();
+        for n in &names {
+            if let Err(e) = caches.cleanup_job(n) {
+                tracing::error!(worker = %n, error = %e, "cleaning cache overlays");
+            }
+        }
+        names
+    })
+    .await
+    .unwrap_or_default();
+    for n in leftovers {
+        tracing::info!(worker = %n, "removed leftover cache overlays");
     }
     for job in app
         .store

@@ -1,16 +1,14 @@
 //! Runs one job: export its source, provision a worker, talk to its agent, record steps
 //! and logs, enforce the time limit, then destroy the worker whatever happened.
 
+use crate::agents::AgentLink;
 use crate::app::App;
 use crate::logs::LogWriter;
 use chrono::Utc;
-use sha2::{Digest, Sha256};
 use slate_core::config::{PipelineConfig, PoolConfig};
 use slate_core::{Build, Job, JobId, JobState, StepRecord, Trigger};
 use slate_proto::asynch::{read_frame, write_frame};
-use slate_proto::{
-    AgentMsg, JobSpec, ProtoError, ServerMsg, StepOutcome, StepSpec, PROTOCOL_VERSION,
-};
+use slate_proto::{AgentMsg, JobSpec, ServerMsg, StepOutcome, StepSpec};
 use slate_provider::{WorkerSpec, WORKSPACE_DIR};
 use slate_store::WorkerRecord;
 use std::collections::BTreeMap;
@@ -87,14 +85,16 @@ pub async fn run_job(app: Arc<App>, job: Job, cancel: CancellationToken) {
                     started.elapsed().as_secs_f64()
                 ))
                 .await;
-            cleanup(&app, &name).await;
+            cleanup(&app, &name, Some(&job.pool)).await;
+            harvest_caches(&app, &job, Some(&mut log)).await;
             if let Err(e) = log.finish().await {
                 tracing::error!(job.id = id.0, error = %e, "finishing log");
             }
             outcome
         }
         Err(e) => {
-            cleanup(&app, &name).await;
+            cleanup(&app, &name, Some(&job.pool)).await;
+            harvest_caches(&app, &job, None).await;
             Outcome::error(format!("could not open the job log: {e}"))
         }
     };
@@ -149,8 +149,14 @@ pub async fn run_job(app: Arc<App>, job: Job, cancel: CancellationToken) {
 }
 
 /// Remove everything the job had on this host. Safe to call more than once.
-pub async fn cleanup(app: &App, name: &str) {
-    for provider in unique_providers(app) {
+/// With `pool`, only that pool's provider is asked (an exec pool's destroy hook is not
+/// free to run for every job); without it (recovery), every provider is.
+pub async fn cleanup(app: &App, name: &str, pool: Option<&str>) {
+    let providers = match pool.and_then(|p| app.providers.get(p)) {
+        Some(p) => vec![p.clone()],
+        None => unique_providers(app),
+    };
+    for provider in providers {
         if let Err(e) = provider.destroy(name).await {
             tracing::error!(worker = name, error = %e, "destroying worker");
         }
@@ -160,7 +166,7 @@ pub async fn cleanup(app: &App, name: &str) {
     let _ = tokio::fs::remove_dir_all(app.sockets_dir.join(name)).await;
 }
 
-fn unique_providers(app: &App) -> Vec<Arc<dyn slate_provider::Provider>> {
+pub(crate) fn unique_providers(app: &App) -> Vec<Arc<dyn slate_provider::Provider>> {
     let mut out: Vec<Arc<dyn slate_provider::Provider>> = Vec::new();
     for p in app.providers.values() {
         if !out.iter().any(|q| Arc::ptr_eq(q, p)) {
@@ -168,19 +174,6 @@ fn unique_providers(app: &App) -> Vec<Arc<dyn slate_provider::Provider>> {
         }
     }
     out
-}
-
-fn random_token() -> String {
-    let mut buf = [0u8; 32];
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .expect("reading /dev/urandom");
-    hex::encode(buf)
-}
-
-pub fn token_hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 fn human(d: Duration) -> String {
@@ -245,11 +238,14 @@ fn job_spec(
             env: s.env.clone(),
         });
     }
-    let _ = app;
     (
         JobSpec {
             job_id: job.id.0,
-            workdir: WORKSPACE_DIR.into(),
+            workdir: app
+                .config
+                .pool(&job.pool)
+                .and_then(|p| p.workdir.clone())
+                .unwrap_or_else(|| WORKSPACE_DIR.into()),
             env,
             steps,
         },
@@ -340,11 +336,46 @@ async fn run(
         Err(e) => return Outcome::error(format!("binding agent socket: {e}")),
     };
 
-    let token = random_token();
-    if let Err(e) = app.store.set_job_token_hash(id, &token_hash(&token)).await {
+    let token = crate::agents::new_token(id);
+    if let Err(e) = app
+        .store
+        .set_job_token_hash(id, &hex::encode(crate::agents::token_hash(&token)))
+        .await
+    {
         return Outcome::error(format!("storing agent token: {e}"));
     }
+    // From here until the runner ends, connections presenting the token reach this job.
+    let mut links = app.agents.register(id, &token);
+    let _link_guard = LinkGuard {
+        app: app.clone(),
+        job: id,
+        acceptor: tokio::spawn(accept_unix(
+            app.clone(),
+            listener,
+            app.boot_timeout.unwrap_or(pool.boot_timeout),
+        )),
+    };
 
+    // Shared caches: read-only mirrors and per-job overlays, mounted before the worker.
+    let specs = cache_specs(&pool);
+    let mut mounts = Vec::new();
+    if !specs.is_empty() {
+        let caches = app.caches.clone();
+        let ctx = cache_context(app, job, &build);
+        match tokio::task::spawn_blocking(move || caches.prepare(&ctx, &specs)).await {
+            Ok(Ok(prepared)) => {
+                for m in prepared {
+                    mounts.push(slate_provider::WorkerMount {
+                        host_path: m.host_path,
+                        target: m.target,
+                        read_only: m.read_only,
+                    });
+                }
+            }
+            Ok(Err(e)) => return Outcome::error(format!("preparing caches: {e}")),
+            Err(e) => return Outcome::error(format!("preparing caches: {e}")),
+        }
+    }
     let spec = WorkerSpec {
         job_id: id,
         pool: job.pool.clone(),
@@ -352,10 +383,11 @@ async fn run(
         source: Some(src.clone()),
         agent_binary: app.agent_binary.clone(),
         agent_socket: sock_path.clone(),
-        agent_token: slate_core::Secret::new(token),
+        agent_token: slate_core::Secret::new(token.clone()),
         limits: pool.limits.clone(),
         network: pool.network,
         runtime: pool.runtime.clone(),
+        mounts,
     };
     let t0 = Instant::now();
     let worker = tokio::select! {
@@ -385,10 +417,10 @@ async fn run(
 
     let boot_timeout = app.boot_timeout.unwrap_or(pool.boot_timeout);
     let mut exited = worker.exited.clone();
-    let stream = tokio::select! {
-        r = listener.accept() => match r {
-            Ok((s, _)) => s,
-            Err(e) => return Outcome::infra(format!("accepting the agent: {e}")),
+    let link = tokio::select! {
+        l = links.recv() => match l {
+            Some(l) => l,
+            None => return Outcome::infra("agent registry closed"),
         },
         code = async { exited.wait_for(|v| v.is_some()).await.ok().and_then(|v| *v) } => {
             let tail = console_tail(&worker.console_log).await;
@@ -402,48 +434,20 @@ async fn run(
         }
         _ = cancel.cancelled() => return cancelled_outcome(app),
     };
-    drop(listener);
-    let (mut rd, mut wr) = stream.into_split();
-
-    let hello: Result<AgentMsg, ProtoError> =
-        match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut rd)).await {
-            Ok(r) => r,
-            Err(_) => return Outcome::infra("agent connected but sent no hello within 10s"),
-        };
-    match hello {
-        Ok(AgentMsg::Hello {
-            protocol, token, ..
-        }) => {
-            if protocol != PROTOCOL_VERSION {
-                let reason =
-                    format!("agent speaks protocol {protocol}, server speaks {PROTOCOL_VERSION}");
-                let _ = write_frame(
-                    &mut wr,
-                    &ServerMsg::Reject {
-                        reason: reason.clone(),
-                    },
-                )
-                .await;
-                return Outcome::error(reason);
-            }
-            match app.store.consume_job_token(id, &token_hash(&token)).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    let _ = write_frame(
-                        &mut wr,
-                        &ServerMsg::Reject {
-                            reason: "invalid token".into(),
-                        },
-                    )
-                    .await;
-                    return Outcome::error("agent presented an invalid token");
-                }
-                Err(e) => return Outcome::error(format!("checking agent token: {e}")),
-            }
-        }
-        Ok(other) => return Outcome::error(format!("agent sent {other:?} before hello")),
-        Err(e) => return Outcome::infra(format!("reading agent hello: {e}")),
+    // The stored hash is consumed by the first connection: the record that the job's one
+    // agent has spoken. Reconnects of that agent are checked by the registry.
+    match app
+        .store
+        .consume_job_token(id, &hex::encode(crate::agents::token_hash(&token)))
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return Outcome::error("the job's agent token was already used"),
+        Err(e) => return Outcome::error(format!("checking agent token: {e}")),
     }
+    let _ = log
+        .note(&format!("agent connected over {}", link.transport))
+        .await;
 
     match app
         .store
@@ -488,14 +492,22 @@ async fn run(
                 .await;
         }
     }
-    if let Err(e) = write_frame(&mut wr, &ServerMsg::Welcome { job: spec }).await {
+    let mut link = link;
+    if let Err(e) = write_frame(&mut link.wr, &ServerMsg::Welcome { job: spec.clone() }).await {
         return Outcome::infra(format!("sending the job to the agent: {e}"));
     }
 
-    converse(
-        app, job, &pipeline, &pool, &step_map, cancel, log, &mut rd, &mut wr, deadline,
-    )
-    .await
+    let ctx = Conversation {
+        app,
+        job,
+        pipeline: &pipeline,
+        pool: &pool,
+        step_map: &step_map,
+        spec: &spec,
+        cancel,
+        deadline,
+    };
+    converse(&ctx, log, link, &mut links, exited).await
 }
 
 fn cancelled_outcome(app: &App) -> Outcome {
@@ -506,19 +518,38 @@ fn cancelled_outcome(app: &App) -> Outcome {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn converse(
-    app: &Arc<App>,
-    job: &Job,
-    pipeline: &PipelineConfig,
-    pool: &PoolConfig,
-    step_map: &[usize],
-    cancel: &CancellationToken,
-    log: &mut LogWriter,
-    rd: &mut tokio::net::unix::OwnedReadHalf,
-    wr: &mut tokio::net::unix::OwnedWriteHalf,
+/// What a conversation with the agent needs besides the connection.
+struct Conversation<'a> {
+    app: &'a Arc<App>,
+    job: &'a Job,
+    pipeline: &'a PipelineConfig,
+    pool: &'a PoolConfig,
+    step_map: &'a [usize],
+    spec: &'a JobSpec,
+    cancel: &'a CancellationToken,
     deadline: tokio::time::Instant,
+}
+
+/// How long a lost agent has to reconnect (TCP transports) before the job is given up.
+const RECONNECT_GRACE: Duration = Duration::from_secs(20);
+
+async fn converse(
+    ctx: &Conversation<'_>,
+    log: &mut LogWriter,
+    mut link: AgentLink,
+    links: &mut tokio::sync::mpsc::Receiver<AgentLink>,
+    mut exited: tokio::sync::watch::Receiver<Option<i32>>,
 ) -> Outcome {
+    let Conversation {
+        app,
+        job,
+        pipeline,
+        pool,
+        step_map,
+        cancel,
+        deadline,
+        ..
+    } = *ctx;
     let id = job.id;
     let mut last_seq: u64 = 0;
     let mut failure: Option<Outcome> = None;
@@ -528,7 +559,16 @@ async fn converse(
     loop {
         let cancel_grace = cancel_sent.map(|t| t + Duration::from_secs(5));
         tokio::select! {
-            msg = read_frame::<_, AgentMsg>(rd) => {
+            newer = links.recv() => {
+                // The agent reconnected before the server noticed the old link was gone.
+                if let Some(l) = newer {
+                    match resume(ctx, log, l).await {
+                        Ok(l) => link = l,
+                        Err(o) => return o,
+                    }
+                }
+            }
+            msg = read_frame::<_, AgentMsg>(&mut link.rd) => {
               last_heard = tokio::time::Instant::now();
               match msg {
                 Ok(AgentMsg::Output { seq, data, .. }) => {
@@ -537,9 +577,8 @@ async fn converse(
                             return Outcome::error(format!("writing the log: {e}"));
                         }
                         last_seq = seq;
-                        if write_frame(wr, &ServerMsg::Ack { seq }).await.is_err() && cancel_sent.is_none() {
-                            return Outcome::infra("lost the agent while acknowledging output");
-                        }
+                        // A failed ack shows up as a read error next, which handles reconnects.
+                        let _ = write_frame(&mut link.wr, &ServerMsg::Ack { seq }).await;
                     } else if seq > last_seq + 1 {
                         let _ = log.note(&format!("output gap: expected chunk {}, got {seq}", last_seq + 1)).await;
                         return Outcome::infra(format!("agent output gap at chunk {}", last_seq + 1));
@@ -617,8 +656,23 @@ async fn converse(
                     if cancel_sent.is_some() {
                         return cancelled_outcome(app);
                     }
-                    let _ = log.note(&format!("lost the agent: {e}")).await;
-                    return Outcome::infra(format!("lost the agent: {e}"));
+                    let _ = log.note(&format!("lost the agent: {e}; waiting up to {}s for it to reconnect", RECONNECT_GRACE.as_secs())).await;
+                    let again = tokio::select! {
+                        l = links.recv() => l,
+                        _ = exited.wait_for(|v| v.is_some()) => None,
+                        _ = tokio::time::sleep(RECONNECT_GRACE) => None,
+                        _ = cancel.cancelled() => return cancelled_outcome(app),
+                    };
+                    match again {
+                        Some(l) => match resume(ctx, log, l).await {
+                            Ok(l) => {
+                                link = l;
+                                last_heard = tokio::time::Instant::now();
+                            }
+                            Err(o) => return o,
+                        },
+                        None => return Outcome::infra(format!("lost the agent: {e}")),
+                    }
                 }
               }
             },
@@ -628,7 +682,7 @@ async fn converse(
             }
             _ = cancel.cancelled(), if cancel_sent.is_none() => {
                 let _ = log.note("cancel requested: stopping the running step").await;
-                let _ = write_frame(wr, &ServerMsg::Cancel { reason: "cancelled".into() }).await;
+                let _ = write_frame(&mut link.wr, &ServerMsg::Cancel { reason: "cancelled".into() }).await;
                 cancel_sent = Some(tokio::time::Instant::now());
             }
             _ = tokio::time::sleep_until(cancel_grace.unwrap_or(deadline)), if cancel_grace.is_some() => {
@@ -645,4 +699,167 @@ async fn converse(
 /// Used by tests and the API: the id of the job a resource name belongs to.
 pub fn job_of(name: &str) -> Option<JobId> {
     JobId::from_resource_name(name)
+}
+
+/// Take over a reconnected agent's link: the job again (the agent ignores it), then it
+/// resends everything after its last acknowledged chunk; duplicates are dropped by seq.
+async fn resume(
+    ctx: &Conversation<'_>,
+    log: &mut LogWriter,
+    mut l: AgentLink,
+) -> Result<AgentLink, Outcome> {
+    let _ = log
+        .note(&format!(
+            "agent reconnected over {} (resuming after chunk {})",
+            l.transport, l.resume_after
+        ))
+        .await;
+    write_frame(
+        &mut l.wr,
+        &ServerMsg::Welcome {
+            job: ctx.spec.clone(),
+        },
+    )
+    .await
+    .map_err(|e| Outcome::infra(format!("agent reconnected but the link failed: {e}")))?;
+    Ok(l)
+}
+
+/// Deregisters the job's token and stops accepting on its socket when the runner ends.
+struct LinkGuard {
+    app: Arc<App>,
+    job: JobId,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        self.app.agents.deregister(self.job);
+        self.acceptor.abort();
+    }
+}
+
+/// Accept connections on a job's Unix socket and route them by their hello.
+async fn accept_unix(app: Arc<App>, listener: UnixListener, hello_within: Duration) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let (rd, wr) = stream.into_split();
+            if let Err(e) = app.agents.accept(rd, wr, "unix socket", hello_within).await {
+                tracing::warn!(error = %e, "agent refused");
+            }
+        });
+    }
+}
+
+/// Accept agents dialing in over TCP (machines slate does not run itself).
+pub async fn accept_tcp(app: Arc<App>, listener: tokio::net::TcpListener) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        let (rd, wr) = stream.into_split();
+                        match app.agents.accept(rd, wr, "tcp", Duration::from_secs(10)).await {
+                            Ok(job) => tracing::info!(job.id = job.0, %peer, "agent connected over tcp"),
+                            Err(e) => tracing::warn!(%peer, error = %e, "agent refused"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "accepting an agent");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = app.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The pool's caches as the cache manager wants them.
+fn cache_specs(pool: &PoolConfig) -> Vec<slate_cache::CacheSpec> {
+    use slate_core::config::{CacheMode, Promote};
+    pool.caches
+        .iter()
+        .map(|c| slate_cache::CacheSpec {
+            name: c.name.clone(),
+            source: c.source.clone(),
+            target: c.target.clone(),
+            mode: match c.mode {
+                CacheMode::Ro => slate_cache::CacheMode::Ro,
+                CacheMode::Overlay => slate_cache::CacheMode::Overlay,
+            },
+            promote: match c.promote {
+                Promote::Never => slate_cache::Promote::Never,
+                Promote::Trusted => slate_cache::Promote::Trusted,
+            },
+        })
+        .collect()
+}
+
+/// Whose layer a job's new cache files go to: its PR's, or (trusted builds of
+/// `trusted_branches`) the shared mirror's.
+fn cache_context(app: &App, job: &Job, build: &Build) -> slate_cache::JobCacheContext {
+    let trusted = match &build.change.trigger {
+        Trigger::Push { branch } | Trigger::Manual { branch } => app
+            .config
+            .repo(&build.change.repo)
+            .is_some_and(|r| r.trusted_branches.contains(branch)),
+        Trigger::PullRequest { .. } => false,
+    };
+    slate_cache::JobCacheContext {
+        job_name: job.id.resource_name(),
+        repo: build.change.repo.clone(),
+        pr: build.change.trigger.pr_number(),
+        trusted,
+    }
+}
+
+/// After the worker is gone: promote what the job added to its overlay caches.
+async fn harvest_caches(app: &Arc<App>, job: &Job, log: Option<&mut LogWriter>) {
+    let Some(pool) = app.config.pool(&job.pool) else {
+        return;
+    };
+    let specs = cache_specs(pool);
+    if specs.is_empty() {
+        return;
+    }
+    let Ok(build) = app.store.get_build(job.build_id).await else {
+        return;
+    };
+    let ctx = cache_context(app, job, &build);
+    let caches = app.caches.clone();
+    let name = ctx.job_name.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let r = caches.harvest(&ctx, &specs);
+        if r.is_err() {
+            let _ = caches.cleanup_job(&ctx.job_name);
+        }
+        r
+    })
+    .await;
+    let note = match result {
+        Ok(Ok(report)) => {
+            let bytes: u64 = report.promoted.iter().map(|p| p.bytes).sum();
+            for r in &report.rejected {
+                tracing::info!(job.id = job.id.0, cache = %r.cache, path = %r.path.display(), reason = %r.reason, "cache file not promoted");
+            }
+            format!(
+                "caches: {} new files ({bytes} bytes) kept, {} changes not kept",
+                report.promoted.len(),
+                report.rejected.len()
+            )
+        }
+        Ok(Err(e)) => {
+            tracing::error!(job.id = job.id.0, error = %e, "harvesting caches");
+            format!("caches: nothing kept ({e})")
+        }
+        Err(e) => format!("caches: harvest task failed ({e})"),
+    };
+    tracing::debug!(worker = %name, "{note}");
+    if let Some(log) = log {
+        let _ = log.note(&note).await;
+    }
 }

@@ -31,7 +31,8 @@ pub async fn scheduler_loop(app: Arc<App>) {
         }
         tokio::select! {
             _ = notified => {}
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            // Another replica's enqueue wakes us through the store (PostgreSQL NOTIFY).
+            _ = app.store.wait_for_work(Duration::from_secs(2)) => {}
             _ = app.shutdown.cancelled() => return,
         }
     }

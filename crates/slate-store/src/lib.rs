@@ -1,9 +1,15 @@
 //! Persistence behind one trait: events, builds, jobs, steps, workers. SQLite is the
-//! embedded default; the trait carries no SQLite-only semantics so PostgreSQL can follow.
+//! embedded default; PostgreSQL serves several server replicas sharing one queue.
 
+mod postgres;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -19,6 +25,8 @@ pub enum StoreError {
     NotFound(String),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("unsupported database url {0:?}: expected sqlite:<path> or postgres://…")]
+    UnsupportedUrl(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -63,6 +71,14 @@ pub struct WorkerRecord {
     pub job_id: JobId,
     pub provider: String,
     pub pool: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An API token as listed (its secret is never stored, only its sha256).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: i64,
+    pub name: String,
     pub created_at: DateTime<Utc>,
 }
 
@@ -145,4 +161,118 @@ pub trait Store: Send + Sync + 'static {
     async fn record_worker(&self, w: &WorkerRecord) -> Result<()>;
     async fn remove_worker(&self, name: &str) -> Result<()>;
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;
+
+    // ---- API tokens (bearer tokens for the API and logins for the web UI) ----
+
+    /// Store a new token by the hex sha256 of its secret; returns its id.
+    async fn create_api_token(&self, name: &str, hash: &str) -> Result<i64>;
+    /// The token whose secret hashes to `hash`: `(id, name)`.
+    async fn find_api_token(&self, hash: &str) -> Result<Option<(i64, String)>>;
+    /// Every token, oldest first.
+    async fn list_api_tokens(&self) -> Result<Vec<ApiToken>>;
+
+    /// [`Store::list_builds`] restricted to builds with at least one job in `state`.
+    ///
+    /// The default is correct for any store but reads every job in that state; stores
+    /// override it with one indexed query.
+    async fn list_builds_with_job_state(
+        &self,
+        filter: &BuildFilter,
+        state: JobState,
+    ) -> Result<Vec<Build>> {
+        let mut ids: Vec<BuildId> = self
+            .jobs_in_states(&[state])
+            .await?
+            .into_iter()
+            .map(|j| j.build_id)
+            .collect();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        ids.dedup();
+        let limit = if filter.limit == 0 { 50 } else { filter.limit } as usize;
+        let mut skip = filter.offset as usize;
+        let mut out = Vec::new();
+        for id in ids {
+            let b = self.get_build(id).await?;
+            if filter.repo.as_ref().is_some_and(|r| *r != b.change.repo)
+                || filter
+                    .pr
+                    .is_some_and(|p| b.change.trigger.pr_number() != Some(p))
+            {
+                continue;
+            }
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            out.push(b);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- replicas: leases and wake-ups ----
+    //
+    // The defaults are right for a store that one server uses alone (SQLite): there is
+    // no other owner whose lease could run out, and a crash of the only owner is handled
+    // by the restart's reconciliation. PostgreSQL overrides all four.
+
+    /// [`Store::claim_next_job`], recording that `owner` (a replica's id) holds the job
+    /// until `lease` from now. The owner keeps it with [`Store::renew_leases`]; if it
+    /// stops (dies), another replica takes the job over with [`Store::expired_leases`].
+    async fn claim_next_job_for(
+        &self,
+        pool: &str,
+        max_active: u32,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Option<Job>> {
+        let _ = (owner, lease);
+        self.claim_next_job(pool, max_active).await
+    }
+
+    /// Extend to `lease` from now the lease of every provisioning or running job that
+    /// `owner` holds. Called periodically, well within the lease.
+    async fn renew_leases(&self, owner: &str, lease: Duration) -> Result<()> {
+        let _ = (owner, lease);
+        Ok(())
+    }
+
+    /// Take over the provisioning or running jobs whose lease ran out (their owner
+    /// died): each is returned to exactly one caller, now leased to `owner`, so that
+    /// caller alone requeues or fails it. Jobs claimed without a lease never expire.
+    async fn expired_leases(&self, owner: &str, lease: Duration) -> Result<Vec<Job>> {
+        let _ = (owner, lease);
+        Ok(Vec::new())
+    }
+
+    /// Wait until there may be work for the scheduler (a job enqueued or a slot freed,
+    /// by any replica) or `timeout` passes. Wake-ups may be spurious; callers claim
+    /// and wait again. The default has no one else to hear from and just sleeps.
+    async fn wait_for_work(&self, timeout: Duration) {
+        tokio::time::sleep(timeout).await;
+    }
+}
+
+/// Open the store a database URL names: `postgres://…` (or `postgresql://…`) for
+/// PostgreSQL, `sqlite:<path>` / `sqlite://<path>` for SQLite; an empty URL or an empty
+/// SQLite path means the embedded default at `sqlite_default_path`.
+pub async fn open_store(url: &str, sqlite_default_path: &Path) -> Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(PgStore::connect(url).await?));
+    }
+    let path = if url.is_empty() {
+        ""
+    } else if let Some(rest) = url.strip_prefix("sqlite:") {
+        rest.strip_prefix("//").unwrap_or(rest)
+    } else {
+        return Err(StoreError::UnsupportedUrl(url.to_owned()));
+    };
+    let path = if path.is_empty() {
+        sqlite_default_path
+    } else {
+        Path::new(path)
+    };
+    Ok(Arc::new(SqliteStore::open(path).await?))
 }

@@ -13,7 +13,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Sqlite};
 
 use crate::{
-    BuildFilter, InsertOutcome, NewBuild, Result, Store, StoreError, StoredEvent, WorkerRecord,
+    ApiToken, BuildFilter, InsertOutcome, NewBuild, Result, Store, StoreError, StoredEvent,
+    WorkerRecord,
 };
 use rows::{ts, BUILD_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, STEP_COLUMNS, WORKER_COLUMNS};
 
@@ -87,6 +88,42 @@ impl SqliteStore {
     }
 
     /// `Ok(false)` if the job exists (the caller's condition did not hold), else NotFound.
+    /// Builds newest first, optionally only those with a job in `state`. The order is
+    /// served by `builds_created` (or `builds_repo_created` with a repository), read
+    /// backwards, so a page costs its offset plus its size, never a sort of every build.
+    async fn list_builds_where(
+        &self,
+        filter: &BuildFilter,
+        state: Option<JobState>,
+    ) -> Result<Vec<Build>> {
+        let mut q = QueryBuilder::<Sqlite>::new(format!("SELECT {BUILD_COLUMNS} FROM builds"));
+        let mut sep = " WHERE ";
+        if let Some(state) = state {
+            q.push(sep)
+                .push("id IN (SELECT build_id FROM jobs WHERE state = ")
+                .push_bind(state.as_str())
+                .push(")");
+            sep = " AND ";
+        }
+        if let Some(repo) = &filter.repo {
+            q.push(sep).push("repo = ").push_bind(repo.clone());
+            sep = " AND ";
+        }
+        if let Some(pr) = filter.pr {
+            // A number no build can have matches nothing.
+            let Ok(pr) = i64::try_from(pr) else {
+                return Ok(Vec::new());
+            };
+            q.push(sep).push("pr_number = ").push_bind(pr);
+        }
+        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(limit(filter.limit))
+            .push(" OFFSET ")
+            .push_bind(i64::from(filter.offset));
+        let rows = q.build().fetch_all(&self.read).await?;
+        rows.iter().map(rows::build).collect()
+    }
+
     async fn not_moved(&self, id: JobId) -> Result<bool> {
         if self.job_exists(id).await? {
             Ok(false)
@@ -239,25 +276,15 @@ impl Store for SqliteStore {
     }
 
     async fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
-        let mut q = QueryBuilder::<Sqlite>::new(format!("SELECT {BUILD_COLUMNS} FROM builds"));
-        let mut sep = " WHERE ";
-        if let Some(repo) = &filter.repo {
-            q.push(sep).push("repo = ").push_bind(repo.clone());
-            sep = " AND ";
-        }
-        if let Some(pr) = filter.pr {
-            // A number no build can have matches nothing.
-            let Ok(pr) = i64::try_from(pr) else {
-                return Ok(Vec::new());
-            };
-            q.push(sep).push("pr_number = ").push_bind(pr);
-        }
-        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(limit(filter.limit))
-            .push(" OFFSET ")
-            .push_bind(i64::from(filter.offset));
-        let rows = q.build().fetch_all(&self.read).await?;
-        rows.iter().map(rows::build).collect()
+        self.list_builds_where(filter, None).await
+    }
+
+    async fn list_builds_with_job_state(
+        &self,
+        filter: &BuildFilter,
+        state: JobState,
+    ) -> Result<Vec<Build>> {
+        self.list_builds_where(filter, Some(state)).await
     }
 
     async fn get_job(&self, id: JobId) -> Result<Job> {
@@ -526,6 +553,47 @@ impl Store for SqliteStore {
         .fetch_all(&self.read)
         .await?;
         rows.iter().map(rows::worker).collect()
+    }
+
+    async fn create_api_token(&self, name: &str, hash: &str) -> Result<i64> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO api_tokens (name, hash, created_at) VALUES (?, ?, ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(hash)
+        .bind(ts(rows::now()))
+        .fetch_one(&self.write)
+        .await?;
+        Ok(id)
+    }
+
+    async fn find_api_token(&self, hash: &str) -> Result<Option<(i64, String)>> {
+        let found: Option<(i64, String)> =
+            sqlx::query_as("SELECT id, name FROM api_tokens WHERE hash = ?")
+                .bind(hash)
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(found)
+    }
+
+    async fn list_api_tokens(&self) -> Result<Vec<ApiToken>> {
+        let found: Vec<(i64, String, String)> =
+            sqlx::query_as("SELECT id, name, created_at FROM api_tokens ORDER BY id")
+                .fetch_all(&self.read)
+                .await?;
+        found
+            .into_iter()
+            .map(|(id, name, created)| {
+                let created_at = chrono::DateTime::parse_from_rfc3339(&created)
+                    .map_err(|e| rows::corrupt("api_tokens", "created_at", e))?
+                    .with_timezone(&chrono::Utc);
+                Ok(ApiToken {
+                    id,
+                    name,
+                    created_at,
+                })
+            })
+            .collect()
     }
 }
 

@@ -5,3 +5,4 @@ pub mod agent_bin;
 pub mod github;
 pub mod image;
 pub mod leaks;
+pub mod vm_image;

@@ -54,8 +54,11 @@ pub struct Options {
     pub extra_pipeline: String,
     pub pool_limits: String,
     pub repo_extra: String,
-    /// Extra lines in the `[[pool]]` table.
+    /// Extra lines in the `[[pool]]` table (may open `[[pool.cache]]` tables).
     pub pool_extra: String,
+    pub provider: String,
+    /// The pool's image; the shared busybox rootfs when `None`.
+    pub image: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -71,6 +74,8 @@ impl Default for Options {
             pool_limits: r#"{ memory = "256MiB", pids = 256, timeout = "2m" }"#.into(),
             repo_extra: r#"branches = ["main"]"#.into(),
             pool_extra: String::new(),
+            provider: "sandbox".into(),
+            image: None,
         }
     }
 }
@@ -83,6 +88,8 @@ pub struct Slate {
     pub remote: PathBuf,
     pub work: PathBuf,
     pub url: String,
+    /// An API token for actions (submit, cancel).
+    pub token: String,
     child: Option<Child>,
     http: reqwest::blocking::Client,
 }
@@ -143,7 +150,7 @@ pipeline = "default"
 
 [[pool]]
 name = "busybox"
-provider = "sandbox"
+provider = "{provider}"
 image = "{image}"
 max_jobs = {max_jobs}
 limits = {limits}
@@ -162,7 +169,8 @@ steps = [{steps}]
             token = token_file.display(),
             remote = remote.display(),
             repo_extra = opts.repo_extra,
-            image = image().display(),
+            image = opts.image.as_deref().unwrap_or(image()).display(),
+            provider = opts.provider,
             max_jobs = opts.max_jobs,
             limits = opts.pool_limits,
             pool_extra = opts.pool_extra,
@@ -178,6 +186,7 @@ steps = [{steps}]
             remote,
             work,
             url: String::new(),
+            token: String::new(),
             child: None,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -185,6 +194,17 @@ steps = [{steps}]
                 .unwrap(),
         };
         s.spawn();
+        let out = Command::new(slate_bin())
+            .args(["token", "create", "e2e", "--config"])
+            .arg(&s.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s.token = String::from_utf8_lossy(&out.stdout).trim().to_string();
         s
     }
 
@@ -496,6 +516,7 @@ steps = [{steps}]
         Command::new(slate_bin())
             .args(args)
             .env("SLATE_SERVER", &self.url)
+            .env("SLATE_TOKEN", &self.token)
             .output()
             .unwrap()
     }

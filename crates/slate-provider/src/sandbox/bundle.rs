@@ -30,6 +30,8 @@ pub struct BundleParams<'a> {
     pub agent_binary: &'a Path,
     pub socket_dir: &'a Path,
     pub workspace: &'a Path,
+    /// Extra binds (shared caches), mounted after the workspace.
+    pub mounts: &'a [crate::WorkerMount],
     pub token: &'a Secret,
     pub limits: &'a Limits,
     /// Whether the memory controller accounts swap (cgroup v1 `memsw` or v2); without it
@@ -37,14 +39,14 @@ pub struct BundleParams<'a> {
     pub swap_limit: bool,
 }
 
-/// Capabilities of the default Docker/runc set.
-const CAPABILITIES: [Capability; 14] = [
+/// Capabilities of the default Docker/runc set, minus NET_RAW: build code has no use for
+/// raw sockets (the network is loopback only), and they are a classic attack surface.
+const CAPABILITIES: [Capability; 13] = [
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fsetid,
     Capability::Fowner,
     Capability::Mknod,
-    Capability::NetRaw,
     Capability::Setgid,
     Capability::Setuid,
     Capability::Setfcap,
@@ -111,6 +113,13 @@ pub fn build_spec(p: &BundleParams<'_>) -> Result<Spec, OciSpecError> {
         p.workspace,
         &["rbind", "nosuid", "nodev"],
     )?);
+    for m in p.mounts {
+        let mut o = vec!["rbind", "nosuid", "nodev"];
+        if m.read_only {
+            o.push("ro");
+        }
+        mounts.push(bind(&m.target, &m.host_path, &o)?);
+    }
 
     let namespaces = [
         LinuxNamespaceType::Pid,
@@ -208,6 +217,7 @@ mod tests {
             agent_binary: Path::new("/usr/lib/slate/slate-agent"),
             socket_dir: Path::new("/run/slate-server/9"),
             workspace: Path::new("/jobs/slate-9/workspace"),
+            mounts: &[],
             token: &token,
             limits: &limits,
             swap_limit: true,
@@ -259,8 +269,15 @@ mod tests {
             assert!(dests.contains(&d), "missing mount {d}: {dests:?}");
         }
         let caps = v["process"]["capabilities"]["bounding"].as_array().unwrap();
-        assert_eq!(caps.len(), 14);
-        assert!(!caps.iter().any(|c| c == "CAP_SYS_ADMIN"));
+        assert_eq!(caps.len(), 13);
+        for denied in [
+            "CAP_SYS_ADMIN",
+            "CAP_NET_RAW",
+            "CAP_SYS_MODULE",
+            "CAP_SYS_PTRACE",
+        ] {
+            assert!(!caps.iter().any(|c| c == denied), "{denied} granted");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
@@ -35,6 +35,8 @@ macro_rules! store_suite {
             active_jobs_of_pr_are_the_older_builds_only,
             job_counts_cover_every_state,
             insert_event_throughput,
+            leased_claims_are_fifo_bounded_and_kept_while_renewed,
+            wait_for_work_returns_by_its_timeout,
         );
         store_suite!(@shared $backend;
             concurrent_claims_take_each_job_once,
@@ -557,6 +559,63 @@ pub async fn concurrent_claims_respect_max_active(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(active.len(), 5);
+}
+
+// ---- replicas: leases and wake-ups ----
+
+/// What every backend does with leases: a leased claim is a claim (FIFO, bounded per
+/// pool), and a live owner's jobs are never anyone's to take over. (Expiry itself needs
+/// a second replica: PostgreSQL's own tests.)
+pub async fn leased_claims_are_fifo_bounded_and_kept_while_renewed(store: &dyn Store) {
+    let (_, jobs) = store
+        .create_build(new_build(pr_change("r/r", 1, "h"), &["p", "p", "p"]))
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(60);
+    for expected in &jobs[..2] {
+        let job = store
+            .claim_next_job_for("p", 2, "replica-a", lease)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(job.id, *expected);
+        assert_eq!(job.state, JobState::Provisioning);
+    }
+    assert!(store
+        .claim_next_job_for("p", 2, "replica-a", lease)
+        .await
+        .unwrap()
+        .is_none());
+    // Leased and lease-less claims share the pool's bound.
+    assert!(store.claim_next_job("p", 2).await.unwrap().is_none());
+    store.renew_leases("replica-a", lease).await.unwrap();
+    assert!(store
+        .expired_leases("replica-b", lease)
+        .await
+        .unwrap()
+        .is_empty());
+    run(store, jobs[0]).await;
+    assert!(store.requeue_job(jobs[0], "lost").await.unwrap());
+    let again = store
+        .claim_next_job_for("p", 2, "replica-b", lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.id, again.attempt), (jobs[0], 2));
+}
+
+/// The scheduler waits with this between claims: it must come back by the timeout
+/// (sooner is allowed: wake-ups may be early or spurious).
+pub async fn wait_for_work_returns_by_its_timeout(store: &dyn Store) {
+    for _ in 0..3 {
+        let started = Instant::now();
+        store.wait_for_work(Duration::from_millis(50)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }
 
 // ---- steps, tokens, workers ----

@@ -1,0 +1,206 @@
+//! Hostile builds: a job's code tries to harm the host, the server or other jobs. The
+//! host and a concurrent normal job must be unaffected, and the server keeps serving.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+/// A pipeline whose single step is `script`; returns the finished job.
+fn run_hostile(s: &Slate, pr: u64, script: &str) -> serde_json::Value {
+    std::fs::write(s.work.join("hostile.sh"), script).unwrap();
+    let (base, head) = s.make_pr(pr, &format!("h{pr}"), "hostile.sh", script);
+    s.webhook(
+        "pull_request",
+        &format!("d-{pr}"),
+        &s.pr_event("opened", pr, &format!("h{pr}"), &head, &base),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let builds = s.get(&format!("/api/v1/builds?pr={pr}"));
+        if let Some(id) = builds[0]["jobs"][0]["id"].as_i64() {
+            break id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no build for PR {pr}: {}",
+            s.server_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    s.wait_terminal(id)
+}
+
+fn hostile_slate() -> Slate {
+    Slate::start(Options {
+        steps: r#"{ name = "hostile", run = "sh hostile.sh", timeout = "60s" },"#.into(),
+        pool_limits: r#"{ memory = "128MiB", pids = 64, timeout = "90s", log = "1MiB" }"#.into(),
+        max_jobs: 2,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn fork_bomb_is_contained_and_a_concurrent_job_is_unaffected() {
+    let s = hostile_slate();
+    // A normal job runs alongside the bomb.
+    std::fs::write(s.work.join("hostile.sh"), "echo normal-ok\n").unwrap();
+    let (b0, h0) = s.make_pr(1, "normal", "hostile.sh", "sleep 3; echo normal-ok\n");
+    s.webhook(
+        "pull_request",
+        "d-normal",
+        &s.pr_event("opened", 1, "normal", &h0, &b0),
+    );
+    let bomb = "bomb() { bomb | bomb & }; bomb; sleep 5; echo survived\n";
+    let (b1, h1) = s.make_pr(2, "bomb", "hostile.sh", bomb);
+    s.webhook(
+        "pull_request",
+        "d-bomb",
+        &s.pr_event("opened", 2, "bomb", &h1, &b1),
+    );
+    let normal = s.wait_terminal(1);
+    assert_eq!(normal["state"], "succeeded", "{}", s.log(1));
+    assert!(s.log(1).contains("normal-ok"));
+    let j = s.wait_terminal(2);
+    // Whatever the bomb's step did, it is over and nothing of it is left.
+    assert!(j["state"].is_string());
+    assert_eq!(s.get_text("/healthz").trim(), "ok");
+    let leaks = s.leaks();
+    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+    s.shutdown_clean();
+}
+
+#[test]
+fn memory_bomb_is_killed_by_the_memory_limit() {
+    let s = hostile_slate();
+    // Grow a shell variable far beyond 128 MiB.
+    let j = run_hostile(&s, 1, "x=0123456789abcdef; while true; do x=$x$x; done\n");
+    assert_eq!(
+        j["state"],
+        "failed",
+        "{j:#}\n{}",
+        s.log(j["id"].as_i64().unwrap())
+    );
+    assert_eq!(s.get_text("/healthz").trim(), "ok");
+    s.shutdown_clean();
+}
+
+#[test]
+fn privileged_operations_are_refused() {
+    let s = hostile_slate();
+    let script = r#"
+fail=0
+check() { if eval "$2" >/dev/null 2>&1; then echo "ALLOWED: $1"; fail=1; else echo "refused: $1"; fi; }
+check mount 'mount -t tmpfs none /mnt'
+check remount-root 'mount -o remount,rw /proc/sys'
+check sysrq 'echo h > /proc/sysrq-trigger'
+cap=$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)
+check cap-sys-module '[ $(( 0x$cap >> 16 & 1 )) = 1 ]'
+check cap-sys-admin '[ $(( 0x$cap >> 21 & 1 )) = 1 ]'
+check cap-sys-ptrace '[ $(( 0x$cap >> 19 & 1 )) = 1 ]'
+check cap-net-raw '[ $(( 0x$cap >> 13 & 1 )) = 1 ]'
+check module 'insmod /lib/modules/x.ko'
+check new-privileges '[ "$(sed -n "s/^NoNewPrivs:[[:space:]]*//p" /proc/self/status)" != 1 ]'
+check kernel-write 'echo 1 > /proc/sys/kernel/panic'
+check raw-socket 'ping -c1 -W1 127.0.0.1'
+check mknod 'mknod /tmp/sda b 8 0 && head -c1 /tmp/sda'
+check see-host-processes 'cat /proc/[0-9]*/cmdline | tr "\\0" " " | grep -q "slate serve"'
+check ptrace-pid1 '[ -r /proc/1/mem ] && head -c1 /proc/1/mem'
+exit $fail
+"#;
+    let j = run_hostile(&s, 1, script);
+    let log = s.log(j["id"].as_i64().unwrap());
+    assert!(!log.contains("ALLOWED"), "{log}");
+    assert_eq!(j["state"], "succeeded", "{log}");
+    s.shutdown_clean();
+}
+
+#[test]
+fn the_network_is_none_the_server_and_host_are_unreachable() {
+    let s = hostile_slate();
+    let port = s.url.rsplit(':').next().unwrap().to_string();
+    let host_ip = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or("10.0.0.1")
+                .to_string()
+        })
+        .unwrap_or_else(|_| "10.0.0.1".into());
+    let script = format!(
+        r#"
+fail=0
+try() {{ if wget -q -T 2 -O /tmp/out "$2" 2>/dev/null; then echo "REACHED: $1"; fail=1; else echo "unreachable: $1"; fi; }}
+try server-loopback http://127.0.0.1:{port}/healthz
+try server-host-ip http://{host_ip}:{port}/healthz
+try private-range http://10.0.2.2/
+try metadata http://169.254.169.254/
+cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' ' > /tmp/ifs
+[ "$(cat /tmp/ifs)" = "lo" ] || {{ echo "interfaces: $(cat /tmp/ifs)"; fail=1; }}
+exit $fail
+"#
+    );
+    let j = run_hostile(&s, 1, &script);
+    let log = s.log(j["id"].as_i64().unwrap());
+    assert!(!log.contains("REACHED"), "{log}");
+    assert_eq!(j["state"], "succeeded", "{log}");
+    s.shutdown_clean();
+}
+
+#[test]
+fn writes_to_image_other_jobs_and_host_paths_do_not_land() {
+    let before = slate_testkit::image::manifest(image());
+    let s = hostile_slate();
+    let data = s.data.display().to_string();
+    let script = format!(
+        r#"
+echo evil > /bin/evil; rm -rf /etc; echo x > /workspace/../escape
+ls {data} 2>/dev/null && echo "SEES DATA DIR"
+ln -s / /workspace/hostroot; ln -s {data} /workspace/datadir; ln -s /etc/passwd /workspace/passwd-link
+mkdir -p /workspace/deep && ln -s / /workspace/deep/up
+true
+"#
+    );
+    let j = run_hostile(&s, 1, &script);
+    let log = s.log(j["id"].as_i64().unwrap());
+    assert!(!log.contains("SEES DATA DIR"), "{log}");
+    assert_eq!(
+        before,
+        slate_testkit::image::manifest(image()),
+        "the image changed"
+    );
+    // Symlinks planted in the workspace did not make cleanup delete host files.
+    assert!(std::path::Path::new("/etc/passwd").exists());
+    assert!(s.data.join("slate.db").exists());
+    let leaks = s.leaks();
+    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+    s.shutdown_clean();
+}
+
+#[test]
+fn flooding_output_is_capped_and_closing_stdout_does_not_hang() {
+    let s = hostile_slate();
+    let j = run_hostile(
+        &s,
+        1,
+        "yes 'flood flood flood flood' | head -c 20000000; echo after-flood\n",
+    );
+    let id = j["id"].as_i64().unwrap();
+    assert_eq!(j["state"], "succeeded", "{j:#}");
+    let log = s.log(id);
+    assert!(log.len() < (1 << 20) + 4096, "log is {} bytes", log.len());
+    assert!(log.contains("log truncated"), "no truncation marker");
+    assert!(
+        log.contains("succeeded"),
+        "the end of job note survives the cap"
+    );
+
+    let j = run_hostile(&s, 2, "exec >&- 2>&-; sleep 2; touch /tmp/still-running\n");
+    assert_eq!(j["state"], "succeeded", "{j:#}");
+    assert_eq!(s.get_text("/healthz").trim(), "ok");
+    let _ = Duration::from_secs(0);
+    s.shutdown_clean();
+}

@@ -1,0 +1,643 @@
+//! QEMU provider: each worker is a VM booted from a qcow2 overlay of the pool's base disk.
+//!
+//! The pool image (`spec.image`) is a directory: `disk.qcow2` (the base, never written),
+//! `vmlinuz`, `initrd.img`, and optionally `cmdline` (kernel arguments after
+//! `console=ttyS0 panic=-1`; default `root=/dev/vda rw`). Layout of a worker `slate-<id>`:
+//!
+//! ```text
+//! <root>/slate-<id>/disk.qcow2    overlay backed by <image>/disk.qcow2 (qemu-img create -b)
+//!                  /token         the job token (0600), exposed as fw_cfg opt/slate/token
+//!                  /console.log   serial console + qemu's own stderr
+//!                  /qmp.sock      QMP, used by destroy
+//!                  /qemu.pid      qemu's pidfile
+//! ```
+//!
+//! The guest sees: `/dev/vda` (the overlay), a virtio-serial port `org.slate.agent` that
+//! qemu connects, as a client, to `spec.agent_socket`; the source tree as the read-only
+//! 9p share `workspace`; no network. `spec.agent_binary` is not used: a VM image carries
+//! its own agent. See `slate_testkit::vm_image` for a guest that does all this.
+//!
+//! Architecture invariant: a process is only ever signalled after `/proc/<pid>/cmdline`
+//! shows `-name slate-<id>` and a path inside this provider's root.
+
+mod host;
+
+use crate::sandbox::valid_name;
+use crate::{Provider, ProviderError, Result, Worker, WorkerSpec};
+use async_trait::async_trait;
+use slate_core::config::Network;
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+use tokio::sync::{oneshot, watch, OnceCell};
+
+/// How long `destroy` lets qemu quit over QMP before it kills it.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long `destroy` waits for a killed qemu to be gone.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a kernel may take to print its first line under KVM before KVM is judged
+/// unusable. A working KVM prints within a fraction of a second.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Unix socket paths longer than this do not fit `sockaddr_un`.
+const MAX_SOCKET_PATH: usize = 107;
+/// Kernel arguments when the image has no `cmdline` file.
+const DEFAULT_CMDLINE: &str = "root=/dev/vda rw";
+/// Name of the virtio-serial port the agent opens in the guest.
+pub const AGENT_PORT: &str = "org.slate.agent";
+/// fw_cfg entry holding the job token.
+pub const TOKEN_FW_CFG: &str = "opt/slate/token";
+/// 9p mount tag of the source tree.
+pub const WORKSPACE_TAG: &str = "workspace";
+
+/// Which accelerator qemu uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    /// KVM if a kernel really boots under it (probed once), else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg | Accel::Auto => "tcg",
+        }
+    }
+}
+
+/// Per-provider VM settings (the pool's limits override memory and cpus).
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// Guest memory when the pool sets no memory limit.
+    pub memory_mb: u64,
+    /// Guest CPUs when the pool sets no CPU limit.
+    pub cpus: u32,
+    /// How long a VM may take to boot and connect its agent. The server enforces it; the
+    /// provider only carries it for its callers.
+    pub boot_timeout: Duration,
+    pub qemu_binary: String,
+    pub accel: Accel,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            memory_mb: 512,
+            cpus: 1,
+            boot_timeout: Duration::from_secs(120),
+            qemu_binary: "qemu-system-x86_64".into(),
+            accel: Accel::Auto,
+        }
+    }
+}
+
+/// A qemu process started by this provider.
+struct Running {
+    /// Asks the waiter task to SIGKILL qemu itself.
+    kill: oneshot::Sender<()>,
+    exited: watch::Receiver<Option<i32>>,
+}
+
+/// Runs each worker as a qemu VM on a qcow2 overlay of the pool's base disk.
+pub struct QemuProvider {
+    root: PathBuf,
+    cfg: QemuConfig,
+    accel: OnceCell<Accel>,
+    running: Arc<Mutex<HashMap<String, Running>>>,
+}
+
+impl QemuProvider {
+    /// `root` is slate's directory for VM workers (`<data_dir>/vm-workers`); created on
+    /// first provision.
+    pub fn new(root: PathBuf, cfg: QemuConfig) -> Self {
+        let _ = fs::create_dir_all(&root);
+        Self {
+            root,
+            cfg,
+            accel: OnceCell::new(),
+            running: Arc::default(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.cfg
+    }
+
+    /// The accelerator VMs of this provider use, resolving [`Accel::Auto`] on first call
+    /// by booting `image`'s kernel under KVM for up to a few seconds (a present and
+    /// openable `/dev/kvm` is not proof: under nested PVM a kernel never boots). Call it
+    /// at startup to keep the probe off the first job's path.
+    pub async fn accel(&self, image: &Path) -> Accel {
+        *self
+            .accel
+            .get_or_init(|| async {
+                let chosen = match self.cfg.accel {
+                    Accel::Auto => probe(&self.cfg.qemu_binary, &image.join("vmlinuz")).await,
+                    fixed => fixed,
+                };
+                tracing::info!(accel = chosen.as_arg(), "qemu accelerator chosen");
+                chosen
+            })
+            .await
+    }
+
+    /// The root, resolved: qemu gets absolute paths, and /proc shows them.
+    fn base(&self) -> PathBuf {
+        self.root
+            .canonicalize()
+            .unwrap_or_else(|_| self.root.clone())
+    }
+
+    async fn provision_inner(&self, spec: &WorkerSpec, name: &str, job: &Path) -> Result<Worker> {
+        let image = canonical_dir(&spec.image, "image")?;
+        let base_disk = image_file(&image, "disk.qcow2")?;
+        let kernel = image_file(&image, "vmlinuz")?;
+        let initrd = image_file(&image, "initrd.img")?;
+        let extra = match fs::read_to_string(image.join("cmdline")) {
+            Ok(s) => s.split_whitespace().collect::<Vec<_>>().join(" "),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => DEFAULT_CMDLINE.to_string(),
+            Err(e) => return Err(io_err("read image cmdline")(e)),
+        };
+        let source = spec
+            .source
+            .as_ref()
+            .map(|s| canonical_dir(s, "source"))
+            .transpose()?;
+        let agent_socket = absolute(&spec.agent_socket);
+        let qmp = job.join("qmp.sock");
+        for sock in [&agent_socket, &qmp] {
+            if sock.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(ProviderError::Spec(format!(
+                    "socket path {} is too long for a unix socket",
+                    sock.display()
+                )));
+            }
+        }
+        for p in [&agent_socket, &base_disk, &kernel, &initrd, job] {
+            // qemu's option syntax splits on commas.
+            if p.to_string_lossy().contains(',') {
+                return Err(ProviderError::Spec(format!(
+                    "path {} contains a comma",
+                    p.display()
+                )));
+            }
+        }
+        if let Some(s) = &source {
+            if s.to_string_lossy().contains(',') {
+                return Err(ProviderError::Spec(format!(
+                    "source {} contains a comma",
+                    s.display()
+                )));
+            }
+        }
+
+        let disk = job.join("disk.qcow2");
+        let started = Instant::now();
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&base_disk)
+            .arg(&disk)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(io_err("run qemu-img"))?;
+        if !out.status.success() {
+            return Err(ProviderError::Command {
+                command: "qemu-img create".into(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        tracing::debug!(
+            job.id = spec.job_id.0,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "overlay created"
+        );
+
+        let token = job.join("token");
+        write_private(&token, spec.agent_token.expose().as_bytes())
+            .map_err(io_err("write token"))?;
+
+        let console_log = job.join("console.log");
+        let console = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&console_log)
+            .map_err(io_err("open console.log"))?;
+
+        let accel = self.accel(&image).await;
+        let memory_mb = spec
+            .limits
+            .memory_bytes
+            .map(|b| b.div_ceil(1 << 20))
+            .unwrap_or(self.cfg.memory_mb);
+        let cpus = spec
+            .limits
+            .cpus
+            .map(|c| c.ceil().max(1.0) as u32)
+            .unwrap_or(self.cfg.cpus);
+
+        let mut cmd = Command::new(&self.cfg.qemu_binary);
+        cmd.arg("-name").arg(name);
+        cmd.args(["-accel", accel.as_arg(), "-M", "pc"]);
+        if accel == Accel::Kvm {
+            cmd.args(["-cpu", "host"]);
+        }
+        cmd.arg("-m")
+            .arg(memory_mb.to_string())
+            .arg("-smp")
+            .arg(cpus.to_string())
+            .args([
+                "-nodefaults",
+                "-no-reboot",
+                "-display",
+                "none",
+                "-nic",
+                "none",
+            ])
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 panic=-1 {extra}"))
+            .arg("-chardev")
+            .arg(format!(
+                "file,id=console,path={},append=on",
+                console_log.display()
+            ))
+            .args(["-serial", "chardev:console"])
+            // cache=unsafe: the overlay is thrown away with the worker, flushes buy nothing.
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=qcow2,if=virtio,cache=unsafe",
+                disk.display()
+            ))
+            .args(["-device", "virtio-serial-pci"])
+            .arg("-chardev")
+            .arg(format!("socket,id=agent,path={}", agent_socket.display()))
+            .arg("-device")
+            .arg(format!("virtserialport,chardev=agent,name={AGENT_PORT}"))
+            .arg("-fw_cfg")
+            .arg(format!("name={TOKEN_FW_CFG},file={}", token.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .arg("-pidfile")
+            .arg(job.join("qemu.pid"));
+        if let Some(source) = &source {
+            cmd.arg("-virtfs").arg(format!(
+                "local,path={},mount_tag={WORKSPACE_TAG},security_model=none,readonly=on",
+                source.display()
+            ));
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(console)
+            .spawn()
+            .map_err(|e| ProviderError::Io {
+                what: format!("spawn {}", self.cfg.qemu_binary),
+                source: e,
+            })?;
+
+        let (tx, exited) = watch::channel(None);
+        let (kill_tx, mut kill_rx) = oneshot::channel::<()>();
+        let worker_name = name.to_string();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                s = child.wait() => s,
+                Ok(()) = &mut kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let code = match status {
+                Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+                Err(e) => {
+                    tracing::error!(worker = %worker_name, error = %e, "waiting for qemu failed");
+                    -1
+                }
+            };
+            tracing::info!(worker = %worker_name, exit_code = code, "vm exited");
+            let _ = tx.send(Some(code));
+        });
+        self.running.lock().expect("running map poisoned").insert(
+            name.to_string(),
+            Running {
+                kill: kill_tx,
+                exited: exited.clone(),
+            },
+        );
+        Ok(Worker {
+            name: name.to_string(),
+            job_id: spec.job_id,
+            exited,
+            console_log,
+        })
+    }
+
+    /// Stops the worker's qemu: QMP `quit`, then SIGKILL, and waits until it is gone.
+    async fn stop(&self, name: &str, job: &Path) {
+        let base = self.base();
+        let own = self
+            .running
+            .lock()
+            .expect("running map poisoned")
+            .remove(name);
+        let pids = || -> Vec<i32> {
+            let mut pids: BTreeSet<i32> = host::scan(&base)
+                .into_iter()
+                .filter(|(_, n)| n == name)
+                .map(|(p, _)| p)
+                .collect();
+            pids.extend(host::verified_pid(&job.join("qemu.pid"), name, &base));
+            pids.into_iter().filter(|p| host::alive(*p)).collect()
+        };
+        let gone = |own: &Option<Running>| {
+            own.as_ref().is_none_or(|r| r.exited.borrow().is_some()) && pids().is_empty()
+        };
+        if gone(&own) {
+            return;
+        }
+
+        let qmp = job.join("qmp.sock");
+        if qmp.exists() {
+            match tokio::time::timeout(QUIT_TIMEOUT, host::qmp_quit(&qmp)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(worker = name, error = %e, "qmp quit failed"),
+                Err(_) => tracing::debug!(worker = name, "qmp quit timed out"),
+            }
+        }
+        if wait_until(QUIT_TIMEOUT, || gone(&own)).await {
+            return;
+        }
+
+        tracing::warn!(worker = name, "qemu did not quit, killing it");
+        for pid in pids() {
+            // Re-verified right before the signal: the pid must still be this worker.
+            if host::worker_of(&host::cmdline(pid).unwrap_or_default(), &base).as_deref()
+                == Some(name)
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let own = own.map(|r| {
+            let _ = r.kill.send(());
+            Some(r.exited)
+        });
+        let own_gone = || {
+            own.as_ref()
+                .and_then(|o| o.as_ref())
+                .is_none_or(|e| e.borrow().is_some())
+        };
+        if !wait_until(KILL_TIMEOUT, || own_gone() && pids().is_empty()).await {
+            tracing::error!(worker = name, "qemu still running after SIGKILL");
+        }
+    }
+
+    async fn destroy_inner(&self, name: &str) -> Result<()> {
+        let job = self.base().join(name);
+        self.stop(name, &job).await;
+        match fs::remove_dir_all(&job) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove worker directory")(e)),
+        }
+    }
+}
+
+/// Resolves [`Accel::Auto`], remembering the answer per qemu binary for the process (a
+/// probe costs seconds when KVM does not work).
+async fn probe(qemu: &str, kernel: &Path) -> Accel {
+    static CACHE: Mutex<Option<HashMap<String, Accel>>> = Mutex::new(None);
+    if let Some(a) = CACHE
+        .lock()
+        .expect("accel cache poisoned")
+        .get_or_insert_with(HashMap::new)
+        .get(qemu)
+    {
+        return *a;
+    }
+    let started = Instant::now();
+    let accel = if host::kvm_openable()
+        && host::kernel_speaks(qemu, "kvm", kernel, KVM_PROBE_TIMEOUT).await
+    {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    tracing::info!(
+        accel = accel.as_arg(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "kvm probe done"
+    );
+    CACHE
+        .lock()
+        .expect("accel cache poisoned")
+        .get_or_insert_with(HashMap::new)
+        .insert(qemu.to_string(), accel);
+    accel
+}
+
+/// Polls `done` every 20 ms for up to `within`; whether it became true.
+async fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[async_trait]
+impl Provider for QemuProvider {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn provision(&self, spec: WorkerSpec) -> Result<Worker> {
+        let started = Instant::now();
+        let name = spec.job_id.resource_name();
+        match spec.network {
+            Network::None => {}
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(io_err("create worker root"))?;
+        let job = self.base().join(&name);
+        // Checked before anything is made: rolling back must not destroy a worker that
+        // existed before this call.
+        match fs::DirBuilder::new().mode(0o700).create(&job) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(ProviderError::Spec(format!("worker {name} already exists")));
+            }
+            Err(e) => return Err(io_err("create worker directory")(e)),
+        }
+        match self.provision_inner(&spec, &name, &job).await {
+            Ok(worker) => {
+                tracing::info!(
+                    job.id = spec.job_id.0,
+                    worker = %name,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "vm provisioned"
+                );
+                Ok(worker)
+            }
+            Err(e) => {
+                tracing::warn!(job.id = spec.job_id.0, worker = %name, error = %e, "provision failed, rolling back");
+                if let Err(undo) = self.destroy_inner(&name).await {
+                    tracing::error!(worker = %name, error = %undo, "rollback of failed provision failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn destroy(&self, name: &str) -> Result<()> {
+        if !valid_name(name) {
+            return Err(ProviderError::Spec(format!("invalid worker name {name:?}")));
+        }
+        let started = Instant::now();
+        self.destroy_inner(name).await?;
+        tracing::info!(
+            worker = name,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "vm destroyed"
+        );
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<String>> {
+        let base = self.base();
+        let mut names: BTreeSet<String> = match fs::read_dir(&base) {
+            Ok(entries) => entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| valid_name(n))
+                .collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeSet::new(),
+            Err(e) => return Err(io_err("list workers")(e)),
+        };
+        names.extend(host::scan(&base).into_iter().map(|(_, n)| n));
+        Ok(names.into_iter().collect())
+    }
+}
+
+fn io_err(what: &'static str) -> impl Fn(io::Error) -> ProviderError {
+    move |source| ProviderError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+fn canonical_dir(path: &Path, what: &str) -> Result<PathBuf> {
+    path.canonicalize()
+        .ok()
+        .filter(|p| p.is_dir())
+        .ok_or_else(|| ProviderError::Spec(format!("{what} {} is not a directory", path.display())))
+}
+
+fn image_file(image: &Path, file: &str) -> Result<PathBuf> {
+    let p = image.join(file);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(ProviderError::Spec(format!(
+            "image {} has no {file}",
+            image.display()
+        )))
+    }
+}
+
+/// `path` made absolute without resolving symlinks (the socket may not exist yet).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn destroy_refuses_bad_names_and_succeeds_on_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let p = QemuProvider::new(root.path().to_path_buf(), QemuConfig::default());
+        for bad in ["../etc", "slate-1/../../x", "slate-", "other-1", ""] {
+            assert!(p.destroy(bad).await.is_err(), "{bad}");
+        }
+        p.destroy("slate-424242").await.unwrap();
+        p.destroy("slate-424242").await.unwrap();
+        assert!(p.list().await.unwrap().is_empty());
+    }
+
+    fn test_kernel() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        slate_testkit::vm_image::vm_image(dir.path()).unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        (dir, kernel)
+    }
+
+    #[tokio::test]
+    async fn the_probe_sees_a_kernel_boot_and_refuses_a_silent_one() {
+        let (_dir, kernel) = test_kernel();
+        let qemu = QemuConfig::default().qemu_binary;
+        assert!(host::kernel_speaks(&qemu, "tcg", &kernel, Duration::from_secs(60)).await);
+        // Under TCG no kernel prints within 100 ms: the probe must call that a failure.
+        assert!(!host::kernel_speaks(&qemu, "tcg", &kernel, Duration::from_millis(100)).await);
+        assert!(
+            !host::kernel_speaks("/nonexistent/qemu", "tcg", &kernel, Duration::from_secs(5)).await
+        );
+    }
+
+    #[tokio::test]
+    async fn auto_accel_picks_one_that_really_boots() {
+        let (dir, kernel) = test_kernel();
+        let p = QemuProvider::new(dir.path().join("w"), QemuConfig::default());
+        let chosen = p.accel(dir.path()).await;
+        assert_ne!(chosen, Accel::Auto);
+        if chosen == Accel::Kvm {
+            let qemu = QemuConfig::default().qemu_binary;
+            assert!(host::kernel_speaks(&qemu, "kvm", &kernel, Duration::from_secs(10)).await);
+        } else if !host::kvm_openable() {
+            assert_eq!(chosen, Accel::Tcg);
+        }
+        // Cached: asking again does not probe again.
+        let again = std::time::Instant::now();
+        assert_eq!(p.accel(dir.path()).await, chosen);
+        assert!(again.elapsed() < Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,548 @@
+//! End-to-end tests of the qemu provider: real qemu (TCG here), real qcow2 overlays, the
+//! static agent in the guest speaking to a fake server over virtio-serial.
+
+use slate_core::config::{Limits, Network};
+use slate_core::{JobId, Secret};
+use slate_proto::{AgentMsg, JobSpec, ServerMsg, StepSpec};
+use slate_provider::qemu::Accel;
+use slate_provider::{Provider, QemuConfig, QemuProvider, Worker, WorkerSpec};
+use slate_testkit::vm_image::{broken_vm_image, sha256_file, vm_image, MARKER};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Generous for TCG on 2 shared cores (a boot to the agent takes ~6 s alone).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn unique_job_id() -> JobId {
+    static NEXT: AtomicI64 = AtomicI64::new(0);
+    JobId(std::process::id() as i64 * 1000 + NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn config(boot_timeout: Duration) -> QemuConfig {
+    QemuConfig {
+        memory_mb: 256,
+        cpus: 1,
+        boot_timeout,
+        qemu_binary: "qemu-system-x86_64".into(),
+        accel: Accel::Auto,
+    }
+}
+
+/// A temp dir with an image, a worker root and sockets; on drop (even after a panic)
+/// destroys every worker a fresh provider finds, so no qemu outlives the test.
+struct Fixture {
+    dir: TempDir,
+    provider: QemuProvider,
+}
+
+impl Fixture {
+    fn new(broken: bool, boot_timeout: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        if broken {
+            broken_vm_image(&dir.path().join("image")).unwrap();
+        } else {
+            vm_image(&dir.path().join("image")).unwrap();
+        }
+        let provider = QemuProvider::new(dir.path().join("vm-workers"), config(boot_timeout));
+        Self { dir, provider }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("vm-workers")
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.path().join("image")
+    }
+
+    fn spec(&self, image: &Path, source: Option<PathBuf>) -> WorkerSpec {
+        let job_id = unique_job_id();
+        WorkerSpec {
+            job_id,
+            pool: "vm".into(),
+            image: image.to_path_buf(),
+            source,
+            agent_binary: PathBuf::from("/nonexistent/not-used-by-vms"),
+            agent_socket: self.dir.path().join(format!("a-{}.sock", job_id.0)),
+            agent_token: Secret::new(format!("tok-{}-{}", job_id.0, std::process::id())),
+            limits: Limits {
+                memory_bytes: Some(256 << 20),
+                pids: None,
+                cpus: None,
+                timeout: Duration::from_secs(600),
+            },
+            network: Network::None,
+            runtime: String::new(),
+            mounts: Vec::new(),
+        }
+    }
+
+    /// Nothing of `name` is left: no job dir, no qemu process naming it.
+    fn assert_gone(&self, name: &str) {
+        let dir = self.root().join(name);
+        assert!(!dir.exists(), "{} still exists", dir.display());
+        let procs = qemu_processes(name);
+        assert!(procs.is_empty(), "qemu still running for {name}: {procs:?}");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let root = self.root();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let p = QemuProvider::new(root, QemuConfig::default());
+                for name in p.list().await.unwrap_or_default() {
+                    let _ = p.destroy(&name).await;
+                }
+            });
+        })
+        .join()
+        .ok();
+    }
+}
+
+/// Live processes whose command line has `-name <name>`.
+fn qemu_processes(name: &str) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if !zombie && args.windows(2).any(|w| w[0] == "-name" && w[1] == name) {
+            out.push((pid, args.join(" ")));
+        }
+    }
+    out
+}
+
+// --- a fake server speaking the agent protocol with slate_proto's types ---
+
+async fn read_msg(s: &mut UnixStream) -> Result<AgentMsg, String> {
+    let mut frame = vec![0u8; 4];
+    s.read_exact(&mut frame).await.map_err(|e| e.to_string())?;
+    let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+    frame.resize(4 + len, 0);
+    s.read_exact(&mut frame[4..])
+        .await
+        .map_err(|e| e.to_string())?;
+    slate_proto::read_frame(&mut &frame[..]).map_err(|e| e.to_string())
+}
+
+async fn write_msg(s: &mut UnixStream, m: &ServerMsg) -> Result<(), String> {
+    let frame = slate_proto::encode(m).map_err(|e| e.to_string())?;
+    s.write_all(&frame).await.map_err(|e| e.to_string())
+}
+
+/// What the fake server saw of one job.
+#[derive(Debug)]
+struct Seen {
+    token: String,
+    output: String,
+    success: bool,
+}
+
+/// Accepts qemu's connection, waits up to `boot_timeout` for the agent's hello, hands it
+/// one step running `script` in /workspace, and collects its output until `Done`.
+async fn serve_one_job(
+    listener: UnixListener,
+    script: &str,
+    boot_timeout: Duration,
+) -> Result<Seen, String> {
+    let deadline = tokio::time::Instant::now() + boot_timeout;
+    let (mut s, _) = tokio::time::timeout_at(deadline, listener.accept())
+        .await
+        .map_err(|_| "qemu never connected".to_string())?
+        .map_err(|e| e.to_string())?;
+    let hello = tokio::time::timeout_at(deadline, read_msg(&mut s))
+        .await
+        .map_err(|_| "boot timeout: no hello".to_string())??;
+    let AgentMsg::Hello { token, .. } = hello else {
+        return Err(format!("expected hello, got {hello:?}"));
+    };
+    let job = JobSpec {
+        job_id: 1,
+        workdir: "/workspace".into(),
+        env: BTreeMap::from([("PATH".into(), "/usr/local/bin:/bin:/sbin".into())]),
+        steps: vec![StepSpec {
+            name: "main".into(),
+            run: script.into(),
+            timeout_ms: None,
+            allow_failure: false,
+            env: BTreeMap::new(),
+        }],
+    };
+    write_msg(&mut s, &ServerMsg::Welcome { job }).await?;
+    let mut output = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(60), read_msg(&mut s))
+            .await
+            .map_err(|_| "no message for 60 s".to_string())??;
+        match m {
+            AgentMsg::Output { seq, data, .. } => {
+                output.extend(data);
+                write_msg(&mut s, &ServerMsg::Ack { seq }).await?;
+            }
+            AgentMsg::Done { success } => {
+                return Ok(Seen {
+                    token,
+                    output: String::from_utf8_lossy(&output).into_owned(),
+                    success,
+                })
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Provisions `spec` and runs `script` as its one step; panics with the console on failure.
+async fn run_job(p: &QemuProvider, spec: WorkerSpec, script: &str) -> (Worker, Seen) {
+    let listener = UnixListener::bind(&spec.agent_socket).unwrap();
+    let script = script.to_string();
+    let server = tokio::spawn(async move { serve_one_job(listener, &script, BOOT_TIMEOUT).await });
+    let worker = p.provision(spec).await.unwrap();
+    let seen = server.await.unwrap().unwrap_or_else(|e| {
+        panic!(
+            "{e}; console:\n{}",
+            fs::read_to_string(&worker.console_log).unwrap_or_default()
+        )
+    });
+    (worker, seen)
+}
+
+async fn exit_code(worker: &mut Worker) -> i32 {
+    let code = tokio::time::timeout(
+        Duration::from_secs(30),
+        worker.exited.wait_for(|c| c.is_some()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "vm did not power off; console:\n{}",
+            fs::read_to_string(&worker.console_log).unwrap_or_default()
+        )
+    })
+    .unwrap();
+    code.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_boots_and_runs_over_virtio_serial_then_destroy_leaves_nothing() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    let source = fx.dir.path().join("src");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("hello-from-host.txt"), "hi\n").unwrap();
+    let spec = fx.spec(&fx.image(), Some(source.clone()));
+    let name = spec.job_id.resource_name();
+    let token = spec.agent_token.expose().to_string();
+    let socket = spec.agent_socket.clone();
+
+    let listener = UnixListener::bind(&spec.agent_socket).unwrap();
+    let server = tokio::spawn(async move {
+        serve_one_job(
+            listener,
+            "uname -r; cat /etc/slate-vm-image; ls /workspace; echo w > /workspace/new && echo wrote; \
+             ls /sys/firmware/qemu_fw_cfg 2>/dev/null | wc -l",
+            BOOT_TIMEOUT,
+        )
+        .await
+    });
+    let started = Instant::now();
+    let mut worker = fx.provider.provision(spec).await.unwrap();
+    assert_eq!(worker.name, name);
+    assert_eq!(fx.provider.list().await.unwrap(), vec![name.clone()]);
+    // The token is handed over by fw_cfg file, never on qemu's command line.
+    let procs = qemu_processes(&name);
+    assert_eq!(procs.len(), 1, "{procs:?}");
+    assert!(!procs[0].1.contains(&token), "token on the process list");
+
+    let seen = server.await.unwrap().unwrap_or_else(|e| {
+        panic!(
+            "{e}; console:\n{}",
+            fs::read_to_string(&worker.console_log).unwrap_or_default()
+        )
+    });
+    println!("provision to done: {} ms", started.elapsed().as_millis());
+    assert_eq!(seen.token, token);
+    assert!(seen.success, "{}", seen.output);
+    let lines: Vec<&str> = seen.output.lines().collect();
+    assert!(lines[0].contains("amd64"), "uname -r: {}", seen.output);
+    assert!(seen.output.contains(MARKER), "{}", seen.output);
+    assert!(
+        seen.output.contains("hello-from-host.txt"),
+        "{}",
+        seen.output
+    );
+    assert!(
+        seen.output.contains("wrote"),
+        "workspace not writable: {}",
+        seen.output
+    );
+    assert_eq!(
+        lines.last().map(|l| l.trim()),
+        Some("0"),
+        "fw_cfg still readable: {}",
+        seen.output
+    );
+    assert!(
+        !source.join("new").exists(),
+        "the guest wrote to the host source tree"
+    );
+
+    // The guest powers off when the agent is done.
+    assert_eq!(exit_code(&mut worker).await, 0);
+    let console = fs::read_to_string(&worker.console_log).unwrap();
+    assert!(console.contains("slate-vm: starting agent"), "{console}");
+
+    fx.provider.destroy(&name).await.unwrap();
+    fx.assert_gone(&name);
+    fx.provider.destroy(&name).await.unwrap();
+    assert!(fx.provider.list().await.unwrap().is_empty());
+    drop(socket);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_disk_unchanged_and_a_second_job_does_not_see_the_first() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    let base = fx.image().join("disk.qcow2");
+    let before = sha256_file(&base).unwrap();
+
+    let spec = fx.spec(&fx.image(), None);
+    let first = spec.job_id.resource_name();
+    let (mut w, seen) = run_job(
+        &fx.provider,
+        spec,
+        "echo first > /job-was-here && sync && cat /job-was-here",
+    )
+    .await;
+    assert!(
+        seen.success && seen.output.contains("first"),
+        "{}",
+        seen.output
+    );
+    exit_code(&mut w).await;
+    // The write reached the overlay, not the base.
+    let overlay = fx.root().join(&first).join("disk.qcow2");
+    assert!(fs::metadata(&overlay).unwrap().len() > 0);
+    fx.provider.destroy(&first).await.unwrap();
+    assert_eq!(sha256_file(&base).unwrap(), before, "base disk changed");
+
+    let spec = fx.spec(&fx.image(), None);
+    let second = spec.job_id.resource_name();
+    let (mut w, seen) = run_job(
+        &fx.provider,
+        spec,
+        "if [ -e /job-was-here ]; then echo LEAKED; else echo clean; fi",
+    )
+    .await;
+    assert!(seen.output.contains("clean"), "{}", seen.output);
+    exit_code(&mut w).await;
+    fx.provider.destroy(&second).await.unwrap();
+    assert_eq!(sha256_file(&base).unwrap(), before, "base disk changed");
+    fx.assert_gone(&first);
+    fx.assert_gone(&second);
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_time_does_not_grow_with_base_size() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    // Two images sharing kernel and initrd: a base with 200 MB of data, a 20 GB one.
+    let mut images = Vec::new();
+    for (label, make) in [("small", "200M-data"), ("big", "20G-sparse")] {
+        let dir = fx.dir.path().join(format!("image-{label}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in ["vmlinuz", "initrd.img", "cmdline"] {
+            fs::copy(fx.image().join(f), dir.join(f)).unwrap();
+        }
+        let disk = dir.join("disk.qcow2");
+        if make == "200M-data" {
+            let raw = fx.dir.path().join("data.raw");
+            let chunk: Vec<u8> = (0..1 << 20)
+                .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect();
+            let mut f = fs::File::create(&raw).unwrap();
+            for _ in 0..200 {
+                std::io::Write::write_all(&mut f, &chunk).unwrap();
+            }
+            drop(f);
+            run(Command::new("qemu-img")
+                .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(&disk));
+            fs::remove_file(&raw).unwrap();
+            assert!(fs::metadata(&disk).unwrap().len() > 190 << 20);
+        } else {
+            run(Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&disk)
+                .arg("20G"));
+        }
+        images.push(dir);
+    }
+    let mut times = [Vec::new(), Vec::new()];
+    for round in 0..5 {
+        for i in 0..images.len() {
+            // Alternated, so a slow moment of the shared machine hits both.
+            let i = if round % 2 == 0 { i } else { 1 - i };
+            let image = &images[i];
+            let spec = fx.spec(image, None);
+            let name = spec.job_id.resource_name();
+            let _listener = UnixListener::bind(&spec.agent_socket).unwrap();
+            let t = Instant::now();
+            let _worker = fx.provider.provision(spec).await.unwrap();
+            times[i].push(t.elapsed());
+            fx.provider.destroy(&name).await.unwrap();
+            fx.assert_gone(&name);
+        }
+    }
+    let (small, big) = (median(times[0].clone()), median(times[1].clone()));
+    println!("provision median: 200 MB base {small:?}, 20 GB base {big:?}");
+    assert!(
+        big < small * 3 + Duration::from_millis(50),
+        "provisioning grows with base size: 200 MB {small:?} vs 20 GB {big:?}"
+    );
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_image_never_connects_and_its_console_tells_why() {
+    let boot_timeout = Duration::from_secs(25);
+    let fx = Fixture::new(true, boot_timeout);
+    let spec = fx.spec(&fx.image(), None);
+    let name = spec.job_id.resource_name();
+    let listener = UnixListener::bind(&spec.agent_socket).unwrap();
+    let started = Instant::now();
+    let worker = fx.provider.provision(spec).await.unwrap();
+    let r = serve_one_job(listener, "true", fx.provider.config().boot_timeout).await;
+    let err = r.expect_err("a broken image connected an agent");
+    assert!(err.contains("boot timeout"), "{err}");
+    assert!(started.elapsed() >= boot_timeout);
+    let console = fs::read_to_string(&worker.console_log).unwrap();
+    assert!(
+        console.contains("broken image, the agent is never started"),
+        "console tail missing:\n{console}"
+    );
+    assert!(
+        worker.exited.borrow().is_none(),
+        "the broken vm should still run"
+    );
+    fx.provider.destroy(&name).await.unwrap();
+    fx.assert_gone(&name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_provider_lists_and_destroys_a_running_vm() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    let spec = fx.spec(&fx.image(), None);
+    let name = spec.job_id.resource_name();
+    let _listener = UnixListener::bind(&spec.agent_socket).unwrap();
+    let mut worker = fx.provider.provision(spec).await.unwrap();
+    // Wait for qemu to be up (pidfile written), as after a server crash.
+    let pidfile = fx.root().join(&name).join("qemu.pid");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::read_to_string(&pidfile)
+        .map(|s| s.trim().is_empty())
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "no pidfile");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let again = QemuProvider::new(fx.root(), config(BOOT_TIMEOUT));
+    assert_eq!(again.list().await.unwrap(), vec![name.clone()]);
+    // The job dir alone is not what list() relies on: the process names the worker too.
+    again.destroy(&name).await.unwrap();
+    fx.assert_gone(&name);
+    assert!(!Path::new(&format!("/proc/{pid}")).exists() || qemu_processes(&name).is_empty());
+    // The first provider sees its qemu gone.
+    exit_code(&mut worker).await;
+    assert!(again.list().await.unwrap().is_empty());
+    assert!(fx.provider.list().await.unwrap().is_empty());
+    again.destroy(&name).await.unwrap();
+}
+
+#[tokio::test]
+async fn destroy_is_idempotent_and_refuses_bad_names() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    for bad in ["../x", "slate-1/..", "slate-", "slate-1a", "foo"] {
+        assert!(fx.provider.destroy(bad).await.is_err(), "{bad}");
+    }
+    fx.provider.destroy("slate-98765").await.unwrap();
+    // A half-made worker (dir only) is listed and removed.
+    fs::create_dir_all(fx.root().join("slate-98766")).unwrap();
+    assert_eq!(
+        fx.provider.list().await.unwrap(),
+        vec!["slate-98766".to_string()]
+    );
+    fx.provider.destroy("slate-98766").await.unwrap();
+    fx.provider.destroy("slate-98766").await.unwrap();
+    fx.assert_gone("slate-98766");
+    // An outside directory is never touched.
+    fs::create_dir_all(fx.root().join("keep-me")).unwrap();
+    assert!(fx.provider.list().await.unwrap().is_empty());
+    assert!(fx.root().join("keep-me").exists());
+}
+
+#[tokio::test]
+async fn provisioning_a_bad_image_fails_and_leaves_nothing() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    let empty = fx.dir.path().join("empty-image");
+    fs::create_dir_all(&empty).unwrap();
+    let spec = fx.spec(&empty, None);
+    let name = spec.job_id.resource_name();
+    let err = fx.provider.provision(spec).await.unwrap_err();
+    assert!(err.to_string().contains("disk.qcow2"), "{err}");
+    fx.assert_gone(&name);
+    // No server listening: qemu cannot connect the agent port and exits.
+    let spec = fx.spec(&fx.image(), None);
+    let name = spec.job_id.resource_name();
+    let mut w = fx.provider.provision(spec).await.unwrap();
+    assert_ne!(exit_code(&mut w).await, 0);
+    assert!(fs::read_to_string(&w.console_log)
+        .unwrap()
+        .contains("agent"));
+    fx.provider.destroy(&name).await.unwrap();
+    fx.assert_gone(&name);
+}
