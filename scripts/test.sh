@@ -6,6 +6,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 "$ROOT/scripts/install-deps.sh"
 "$ROOT/scripts/vm-deps.sh"          # qemu, a Debian kernel for VM tests
+"$ROOT/scripts/libvirt-deps.sh"     # libvirtd started without systemd
 for extra in postgres.sh ui-deps.sh; do  # PostgreSQL server, headless Chromium
   if [ -x "$ROOT/scripts/$extra" ]; then "$ROOT/scripts/$extra"; fi
 done

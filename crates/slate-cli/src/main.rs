@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod fake_github;
 mod image_cmd;
+mod plan_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -94,6 +95,29 @@ enum Command {
     /// Base images: build a recipe into a new version, list versions, collect old ones.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// Print what a change would build (`--planner macports`: the changed ports and the
+    /// users of changed PortGroups), from a local checkout.
+    Plan {
+        #[arg(long, default_value = "macports")]
+        planner: String,
+        #[arg(long)]
+        repo_dir: PathBuf,
+        #[arg(long)]
+        base: String,
+        #[arg(long)]
+        head: String,
+        #[arg(long, default_value_t = 50)]
+        portgroup_limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the store's migrations (SQLite or PostgreSQL) and exit. Migrations only
+    /// expand the schema (new tables, nullable columns), so replicas of the previous
+    /// version keep working while others are upgraded.
+    Migrate {
+        #[arg(long, short, env = "SLATE_CONFIG", default_value = "slate.toml")]
+        config: PathBuf,
+    },
     /// Manage API tokens (stored hashed; a token is shown once, when created).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -136,8 +160,11 @@ fn init_tracing() {
     let json = std::env::var("SLATE_LOG_FORMAT")
         .map(|v| v == "json")
         .unwrap_or(false);
+    use std::io::IsTerminal;
+    // Colours only on a terminal: logs in files stay greppable.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         b.json().init();
@@ -239,6 +266,37 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Cancel { job, server } => client::cancel(&server, job).await,
         Command::Bench { args } => bench::run(args).await,
         Command::Image(cmd) => image_cmd::run(cmd).await,
+        Command::Plan {
+            planner,
+            repo_dir,
+            base,
+            head,
+            portgroup_limit,
+            json,
+        } => {
+            if planner != "macports" {
+                bail!("unknown planner {planner:?}: expected \"macports\"");
+            }
+            plan_cmd::run(&repo_dir, &base, &head, portgroup_limit, json)
+        }
+        Command::Migrate { config } => {
+            let c = load_config(&config)?;
+            let url = c.server.database.as_deref().unwrap_or("");
+            slate_store::open_store(url, &c.server.data_dir.join("slate.db")).await?;
+            println!(
+                "migrations applied to {}",
+                if url.is_empty() {
+                    c.server.data_dir.join("slate.db").display().to_string()
+                } else {
+                    // Never print credentials.
+                    url.split('@')
+                        .next_back()
+                        .unwrap_or("the database")
+                        .to_string()
+                }
+            );
+            Ok(0)
+        }
         Command::Token(TokenCommand::Create { name, config }) => {
             let c = load_config(&config)?;
             let store = slate_store::open_store(

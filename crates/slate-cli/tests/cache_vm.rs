@@ -131,8 +131,7 @@ promote = "trusted"
         "zlib source\n"
     );
 
-    let leaks = s.leaks();
-    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+    s.assert_no_leaks();
     let mounts: Vec<_> = slate_testkit::leaks::mount_points()
         .into_iter()
         .filter(|m| m.starts_with(&s.data))
@@ -207,5 +206,54 @@ fn a_pull_request_runs_on_a_fresh_qemu_vm() {
         .map(|e| e.file_name())
         .collect();
     assert!(left.is_empty(), "vm workers left: {left:?}");
+    s.shutdown_clean();
+}
+
+#[test]
+fn a_pull_request_runs_on_a_libvirt_domain() {
+    let images = tempfile::tempdir().unwrap();
+    let vm = images.path().join("vm");
+    slate_testkit::vm_image::vm_image(&vm).unwrap();
+    let base_sum = slate_testkit::vm_image::sha256_file(&vm.join("disk.qcow2")).unwrap();
+    let s = Slate::start(Options {
+        steps: r#"{ name = "probe", run = "cat /etc/slate-vm-image; cat greeting.txt" },"#.into(),
+        provider: "libvirt".into(),
+        image: Some(vm.clone()),
+        pool_limits: r#"{ memory = "512MiB", timeout = "5m" }"#.into(),
+        pool_extra: "[pool.libvirt]\nuris = [\"qemu:///system\"]\nvirt_type = \"qemu\"".into(),
+        max_jobs: 1,
+        ..Default::default()
+    });
+    let (base, head) = s.make_pr(1, "lv", "greeting.txt", "hello from libvirt\n");
+    s.webhook(
+        "pull_request",
+        "d-1",
+        &s.pr_event("opened", 1, "lv", &head, &base),
+    );
+    let j = s.wait_job(1, "terminal", Duration::from_secs(240), |v| {
+        matches!(
+            v["state"].as_str(),
+            Some("succeeded" | "failed" | "error" | "cancelled" | "timed_out")
+        )
+    });
+    let log = s.log(1);
+    assert_eq!(j["state"], "succeeded", "{log}");
+    assert!(log.contains("hello from libvirt"), "{log}");
+    s.wait_status(&head, "success");
+    assert_eq!(
+        slate_testkit::vm_image::sha256_file(&vm.join("disk.qcow2")).unwrap(),
+        base_sum
+    );
+    // The job's domain and volume are gone with its worker directory.
+    let root = s.data.join("libvirt-workers").join("busybox");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&root).unwrap().count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "libvirt worker left in {}",
+            root.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     s.shutdown_clean();
 }

@@ -50,8 +50,7 @@ fn pull_request_builds_in_a_sandbox_and_reports_statuses() {
     assert!(!s.server_log().contains(SECRET));
 
     // Nothing of the job is left once it is done.
-    let leaks = s.leaks();
-    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+    s.assert_no_leaks();
     s.shutdown_clean();
 }
 
@@ -228,8 +227,7 @@ fn a_new_head_supersedes_the_running_job_and_close_cancels() {
         &s.pr_event("closed", 5, "f", &head2, &base),
     );
     assert_eq!(s.wait_terminal(2)["state"], "cancelled");
-    let leaks = s.leaks();
-    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+    s.assert_no_leaks();
     s.shutdown_clean();
 }
 
@@ -250,8 +248,7 @@ fn a_step_over_its_timeout_is_killed_with_its_children() {
     assert_eq!(job["steps"][0]["outcome"], "timed_out");
     s.wait_status(&head, "failure");
     // No sleep of the job survives anywhere on the host.
-    let leaks = s.leaks();
-    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+    s.assert_no_leaks();
     s.shutdown_clean();
 }
 
@@ -285,8 +282,7 @@ fn kill_9_while_a_job_is_queued_then_restart_runs_it() {
     // The interrupted job was retried on a fresh worker.
     assert_eq!(j1["state"], "succeeded", "{}", s.log(1));
     assert_eq!(j1["attempt"], 2);
-    let leaks = s.leaks();
-    assert!(leaks.is_empty(), "leaked after restart: {leaks:#?}");
+    s.assert_no_leaks();
     s.shutdown_clean();
 }
 
@@ -508,7 +504,6 @@ fn a_worker_that_fails_is_retried_on_a_fresh_one_then_errors() {
     );
     let st = s.wait_status(&head, "error");
     assert!(st.description.unwrap().contains("worker exited"));
-    let leaks = s.leaks();
-    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+    s.assert_no_leaks();
     s.shutdown_clean();
 }

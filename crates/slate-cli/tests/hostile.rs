@@ -65,8 +65,7 @@ fn fork_bomb_is_contained_and_a_concurrent_job_is_unaffected() {
     // Whatever the bomb's step did, it is over and nothing of it is left.
     assert!(j["state"].is_string());
     assert_eq!(s.get_text("/healthz").trim(), "ok");
-    let leaks = s.leaks();
-    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+    s.assert_no_leaks();
     s.shutdown_clean();
 }
 
@@ -175,8 +174,7 @@ true
     // Symlinks planted in the workspace did not make cleanup delete host files.
     assert!(std::path::Path::new("/etc/passwd").exists());
     assert!(s.data.join("slate.db").exists());
-    let leaks = s.leaks();
-    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+    s.assert_no_leaks();
     s.shutdown_clean();
 }
 
@@ -202,5 +200,93 @@ fn flooding_output_is_capped_and_closing_stdout_does_not_hang() {
     assert_eq!(j["state"], "succeeded", "{j:#}");
     assert_eq!(s.get_text("/healthz").trim(), "ok");
     let _ = Duration::from_secs(0);
+    s.shutdown_clean();
+}
+
+/// Free bytes of the filesystem holding `path`.
+fn free_bytes(path: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a zeroed out-struct.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+#[test]
+fn filling_the_disk_stops_at_the_quota() {
+    const MIB: u64 = 1 << 20;
+    let s = Slate::start(Options {
+        steps: r#"{ name = "hostile", run = "sh hostile.sh", timeout = "60s" },"#.into(),
+        pool_limits:
+            r#"{ memory = "128MiB", pids = 64, timeout = "90s", log = "1MiB", disk = "64MiB" }"#
+                .into(),
+        max_jobs: 2,
+        ..Default::default()
+    });
+    // A normal job writes within its own quota alongside the filler.
+    let (b0, h0) = s.make_pr(
+        1,
+        "normal",
+        "hostile.sh",
+        "sleep 2; dd if=/dev/zero of=/workspace/ok bs=1M count=16 && echo normal-ok\n",
+    );
+    let before = free_bytes(&s.data);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (data, done) = (s.data.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut min = u64::MAX;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                min = min.min(free_bytes(&data));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            min
+        })
+    };
+    s.webhook(
+        "pull_request",
+        "d-normal",
+        &s.pr_event("opened", 1, "normal", &h0, &b0),
+    );
+    // The filler holds its full disk for a while so the sampler sees the worst case.
+    let j = run_hostile(
+        &s,
+        2,
+        "dd if=/dev/zero of=/workspace/big bs=1M count=200; rc=$?; ls -l /workspace/big; sleep 2; exit $rc\n",
+    );
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let lowest = sampler.join().unwrap();
+    let id = j["id"].as_i64().unwrap();
+    let log = s.log(id);
+    assert_eq!(j["state"], "failed", "{j:#}\n{log}");
+    assert_eq!(
+        j["attempt"], 1,
+        "a full disk is the build's failure, not retried"
+    );
+    assert!(log.contains("No space left on device"), "{log}");
+    let normal = s.wait_terminal(1);
+    assert_eq!(normal["state"], "succeeded", "{}", s.log(1));
+    assert!(s.log(1).contains("normal-ok"));
+
+    // 200 MiB asked for, 64 MiB (the filler) + 16 MiB (the normal job) at most granted;
+    // other processes on the host may write meanwhile, hence the slack.
+    let drop = before.saturating_sub(lowest);
+    eprintln!("host free space: lowest {} MiB below the start", drop / MIB);
+    assert!(
+        drop < 150 * MIB,
+        "host free space fell by {} MiB",
+        drop / MIB
+    );
+    let after = free_bytes(&s.data);
+    assert!(
+        after + 32 * MIB > before,
+        "host free space before {} MiB, after {} MiB",
+        before / MIB,
+        after / MIB
+    );
+    assert_eq!(s.get_text("/healthz").trim(), "ok");
+    // Unmounting detached the loop devices by itself (autoclear), nothing was left over.
+    assert!(!s.server_log().contains("leftover loop device"));
+    s.assert_no_leaks();
     s.shutdown_clean();
 }

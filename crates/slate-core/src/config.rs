@@ -79,6 +79,12 @@ pub struct ServerConfig {
     /// TCP address where agents on machines slate does not run itself (exec pools,
     /// remote hosts) dial in; `None` disables it.
     pub agent_listen: Option<String>,
+    /// This server's name among replicas sharing a PostgreSQL store (defaults to the host
+    /// name and data dir); a replica restarted under the same name finds its leftovers.
+    pub replica_id: Option<String>,
+    /// How long a replica's claim on a job lasts without renewal: a replica that dies
+    /// loses its jobs to the others after this.
+    pub lease: Duration,
 }
 
 /// Where a secret comes from.
@@ -121,6 +127,18 @@ pub enum ProviderKind {
     Sandbox,
     Qemu,
     Exec,
+    Libvirt,
+}
+
+/// `[pool.libvirt]`: where a libvirt pool's VMs run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibvirtSettings {
+    /// Hosts serving the pool (`qemu:///system`, `qemu+ssh://host/system`…).
+    pub uris: Vec<String>,
+    /// This server's own storage pool on every host.
+    pub storage_pool: String,
+    /// `qemu` (TCG) or `kvm`.
+    pub virt_type: String,
 }
 
 impl ProviderKind {
@@ -129,6 +147,7 @@ impl ProviderKind {
             ProviderKind::Sandbox => "sandbox",
             ProviderKind::Qemu => "qemu",
             ProviderKind::Exec => "exec",
+            ProviderKind::Libvirt => "libvirt",
         }
     }
 }
@@ -213,6 +232,9 @@ pub struct Limits {
     pub cpus: Option<f64>,
     /// Wall-time limit of the whole job.
     pub timeout: Duration,
+    /// Size of the job's writable layers (rootfs and workspace changes together); a job
+    /// that fills it gets ENOSPC. `None` means the host's free space.
+    pub disk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -240,6 +262,10 @@ pub struct PoolConfig {
     pub exec: Option<ExecHooks>,
     /// Directory the steps run in inside the worker (`/workspace` unless set).
     pub workdir: Option<String>,
+    /// Cap on the total size of one job's artifacts (`limits.artifacts`).
+    pub artifacts_limit: u64,
+    /// Hosts of a libvirt pool.
+    pub libvirt: Option<LibvirtSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -252,6 +278,32 @@ pub struct StepConfig {
     pub on: Vec<String>,
     pub allow_failure: bool,
     pub env: BTreeMap<String, String>,
+    /// Globs, relative to the workspace, of files kept after the job (even when it fails).
+    pub artifacts: Vec<String>,
+}
+
+/// `[pipeline.plan]`: the dynamic-jobs step. It runs once per pool on a planning job and
+/// prints one JSON line per target (`{"name": "...", "vars": {...}}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanStepConfig {
+    pub name: String,
+    pub run: String,
+    pub timeout: Option<Duration>,
+}
+
+impl PlanStepConfig {
+    /// The plan step as an ordinary step (what a planning job runs).
+    pub fn as_step(&self) -> StepConfig {
+        StepConfig {
+            name: self.name.clone(),
+            run: self.run.clone(),
+            timeout: self.timeout,
+            on: Vec::new(),
+            allow_failure: false,
+            env: BTreeMap::new(),
+            artifacts: Vec::new(),
+        }
+    }
 }
 
 impl StepConfig {
@@ -278,6 +330,8 @@ pub struct PipelineConfig {
     pub planner: PlannerKind,
     /// Most ports a PortGroup change may select (macports planner).
     pub portgroup_limit: usize,
+    /// The dynamic-jobs step, if any.
+    pub plan: Option<PlanStepConfig>,
 }
 
 impl Config {
@@ -355,6 +409,8 @@ struct RawServer {
     agent_binary: Option<PathBuf>,
     public_url: Option<String>,
     agent_listen: Option<Spanned<String>>,
+    replica_id: Option<String>,
+    lease: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -396,6 +452,15 @@ struct RawPool {
     cache: Vec<RawCache>,
     exec: Option<Spanned<RawExec>>,
     workdir: Option<Spanned<String>>,
+    libvirt: Option<Spanned<RawLibvirt>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLibvirt {
+    uris: Option<Vec<String>>,
+    storage_pool: Option<String>,
+    virt_type: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -427,10 +492,12 @@ struct RawCache {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     memory: Option<Spanned<String>>,
+    disk: Option<Spanned<String>>,
     log: Option<Spanned<String>>,
     pids: Option<Spanned<i64>>,
     cpus: Option<Spanned<f64>>,
     timeout: Option<Spanned<String>>,
+    artifacts: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -446,6 +513,15 @@ struct RawPipeline {
     env: BTreeMap<String, String>,
     planner: Option<Spanned<String>>,
     portgroup_limit: Option<Spanned<i64>>,
+    plan: Option<Spanned<RawPlan>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    name: String,
+    run: String,
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -460,6 +536,8 @@ struct RawStep {
     allow_failure: bool,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    artifacts: Vec<Spanned<String>>,
 }
 
 const EVENTS: [&str; 3] = ["pull_request", "push", "manual"];
@@ -526,8 +604,24 @@ impl Validator<'_> {
                         );
                     }
                 }
+                let lease = match &s.lease {
+                    None => Duration::from_secs(30),
+                    Some(t) => match parse_duration(t.get_ref()) {
+                        Ok(d) if d >= Duration::from_secs(1) => d,
+                        Ok(_) => {
+                            self.err(t.span(), "server.lease", "expected at least 1s");
+                            Duration::from_secs(30)
+                        }
+                        Err(e) => {
+                            self.err(t.span(), "server.lease", e);
+                            Duration::from_secs(30)
+                        }
+                    },
+                };
                 ServerConfig {
                     listen,
+                    replica_id: s.replica_id,
+                    lease,
                     agent_listen: s.agent_listen.map(Spanned::into_inner),
                     data_dir: s
                         .data_dir
@@ -544,6 +638,8 @@ impl Validator<'_> {
                 agent_binary: None,
                 public_url: None,
                 agent_listen: None,
+                replica_id: None,
+                lease: Duration::from_secs(30),
             },
         };
 
@@ -600,11 +696,12 @@ impl Validator<'_> {
                 None | Some("sandbox") => ProviderKind::Sandbox,
                 Some("qemu") => ProviderKind::Qemu,
                 Some("exec") => ProviderKind::Exec,
+                Some("libvirt") => ProviderKind::Libvirt,
                 Some(other) => {
                     self.err(
                         p.provider.as_ref().unwrap().span(),
                         key("provider"),
-                        format!("expected \"sandbox\", \"qemu\" or \"exec\", found {other:?}"),
+                        format!("expected \"sandbox\", \"qemu\", \"libvirt\" or \"exec\", found {other:?}"),
                     );
                     ProviderKind::Sandbox
                 }
@@ -649,7 +746,7 @@ impl Validator<'_> {
             // more on a loaded host); an exec machine may be a macOS VM cloned and booted.
             let default_boot = match provider {
                 ProviderKind::Sandbox => Duration::from_secs(30),
-                ProviderKind::Qemu => Duration::from_secs(120),
+                ProviderKind::Qemu | ProviderKind::Libvirt => Duration::from_secs(120),
                 ProviderKind::Exec => Duration::from_secs(600),
             };
             let boot_timeout = match &p.boot_timeout {
@@ -743,6 +840,48 @@ impl Validator<'_> {
                 }
                 (None, _) => None,
             };
+            let libvirt = match (&p.libvirt, provider) {
+                (l, ProviderKind::Libvirt) => {
+                    let (uris, storage_pool, virt_type) = match l {
+                        Some(l) => {
+                            let l = l.get_ref();
+                            let vt = match &l.virt_type {
+                                None => "qemu".to_string(),
+                                Some(v) if v.get_ref() == "qemu" || v.get_ref() == "kvm" => {
+                                    v.get_ref().clone()
+                                }
+                                Some(v) => {
+                                    self.err(
+                                        v.span(),
+                                        key("libvirt.virt_type"),
+                                        format!(
+                                            "expected \"qemu\" or \"kvm\", found {:?}",
+                                            v.get_ref()
+                                        ),
+                                    );
+                                    "qemu".into()
+                                }
+                            };
+                            (l.uris.clone(), l.storage_pool.clone(), vt)
+                        }
+                        None => (None, None, "qemu".into()),
+                    };
+                    Some(LibvirtSettings {
+                        uris: uris.unwrap_or_else(|| vec!["qemu:///system".into()]),
+                        storage_pool: storage_pool.unwrap_or_else(|| "default".into()),
+                        virt_type,
+                    })
+                }
+                (Some(l), _) => {
+                    self.err(
+                        l.span(),
+                        key("libvirt"),
+                        "[pool.libvirt] is for provider = \"libvirt\"",
+                    );
+                    None
+                }
+                (None, _) => None,
+            };
             let workdir = match &p.workdir {
                 Some(w) if !w.get_ref().starts_with('/') => {
                     self.err(
@@ -814,11 +953,13 @@ impl Validator<'_> {
                 });
             }
             let mut log_limit: u64 = 64 << 20;
+            let mut artifacts_limit: u64 = 100 << 20;
             let mut limits = Limits {
                 memory_bytes: None,
                 pids: None,
                 cpus: None,
                 timeout: Duration::from_secs(2 * 3600),
+                disk_bytes: None,
             };
             if let Some(l) = p.limits {
                 if let Some(m) = l.log {
@@ -828,11 +969,24 @@ impl Validator<'_> {
                         Err(e) => self.err(m.span(), key("limits.log"), e),
                     }
                 }
+                if let Some(m) = l.artifacts {
+                    match parse_size(m.get_ref()) {
+                        Ok(b) => artifacts_limit = b,
+                        Err(e) => self.err(m.span(), key("limits.artifacts"), e),
+                    }
+                }
                 if let Some(m) = l.memory {
                     match parse_size(m.get_ref()) {
                         Ok(b) if b >= 4 << 20 => limits.memory_bytes = Some(b),
                         Ok(_) => self.err(m.span(), key("limits.memory"), "expected at least 4MiB"),
                         Err(e) => self.err(m.span(), key("limits.memory"), e),
+                    }
+                }
+                if let Some(d) = l.disk {
+                    match parse_size(d.get_ref()) {
+                        Ok(b) if b >= 16 << 20 => limits.disk_bytes = Some(b),
+                        Ok(_) => self.err(d.span(), key("limits.disk"), "expected at least 16MiB"),
+                        Err(e) => self.err(d.span(), key("limits.disk"), e),
                     }
                 }
                 if let Some(n) = l.pids {
@@ -884,6 +1038,8 @@ impl Validator<'_> {
                 warm,
                 exec,
                 workdir,
+                artifacts_limit,
+                libvirt,
             });
         }
 
@@ -941,6 +1097,11 @@ impl Validator<'_> {
                         self.err(ev.span(), skey("on"), format!("expected one of \"pull_request\", \"push\", \"manual\", found {:?}", ev.get_ref()));
                     }
                 }
+                for a in &s.artifacts {
+                    if let Err(msg) = check_artifact_glob(a.get_ref()) {
+                        self.err(a.span(), skey("artifacts"), msg);
+                    }
+                }
                 steps.push(StepConfig {
                     name: s.name,
                     run: s.run,
@@ -948,6 +1109,7 @@ impl Validator<'_> {
                     on: s.on.into_iter().map(Spanned::into_inner).collect(),
                     allow_failure: s.allow_failure,
                     env: s.env,
+                    artifacts: s.artifacts.into_iter().map(Spanned::into_inner).collect(),
                 });
             }
             if steps.is_empty() {
@@ -977,9 +1139,40 @@ impl Validator<'_> {
                     50
                 }
             };
+            let plan = p.plan.map(|raw| {
+                let span = raw.span();
+                let raw = raw.into_inner();
+                if raw.name.trim().is_empty() {
+                    self.err(span.clone(), key("plan.name"), "expected a step name");
+                }
+                if raw.run.trim().is_empty() {
+                    self.err(span, key("plan.run"), "expected a command");
+                }
+                let timeout = raw.timeout.and_then(|t| match parse_duration(t.get_ref()) {
+                    Ok(d) if !d.is_zero() => Some(d),
+                    Ok(_) => {
+                        self.err(
+                            t.span(),
+                            key("plan.timeout"),
+                            "expected a duration above zero",
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        self.err(t.span(), key("plan.timeout"), e);
+                        None
+                    }
+                });
+                PlanStepConfig {
+                    name: raw.name,
+                    run: raw.run,
+                    timeout,
+                }
+            });
             pipelines.push(PipelineConfig {
                 planner,
                 portgroup_limit,
+                plan,
                 name: p.name.into_inner(),
                 pools: p.pools.into_iter().map(Spanned::into_inner).collect(),
                 paths: p.paths.into_iter().map(Spanned::into_inner).collect(),
@@ -1041,6 +1234,18 @@ impl Validator<'_> {
             pipelines,
         }
     }
+}
+
+/// An artifact glob: relative to the workspace, never climbing out of it, valid syntax.
+fn check_artifact_glob(g: &str) -> Result<(), String> {
+    if g.is_empty() || g.starts_with('/') || g.split('/').any(|c| c == "..") {
+        return Err(format!(
+            "expected a glob relative to the workspace (no leading '/', no '..'), found {g:?}"
+        ));
+    }
+    globset::Glob::new(g)
+        .map(|_| ())
+        .map_err(|e| format!("invalid glob {g:?}: {e}"))
 }
 
 fn valid_name(s: &str) -> bool {
@@ -1185,6 +1390,26 @@ steps = [
     }
 
     #[test]
+    fn disk_quota_parses_and_bad_values_are_located() {
+        let text = EXAMPLE.replace("pids = 4096,", "pids = 4096, disk = \"2GiB\",");
+        let c = Config::parse(&text, "slate.toml").unwrap();
+        assert_eq!(c.pools[0].limits.disk_bytes, Some(2 << 30));
+        assert_eq!(
+            Config::parse(EXAMPLE, "slate.toml").unwrap().pools[0]
+                .limits
+                .disk_bytes,
+            None
+        );
+        for bad in ["2 gigs", "1MiB"] {
+            let text = EXAMPLE.replace("pids = 4096,", &format!("pids = 4096, disk = \"{bad}\","));
+            let e = Config::parse(&text, "slate.toml").unwrap_err();
+            let e = &e.0[0];
+            assert_eq!((e.line, e.key.as_str()), (21, "pool[0].limits.disk"), "{e}");
+            assert!(e.message.contains("expected"), "{e}");
+        }
+    }
+
+    #[test]
     fn wrong_type_is_located() {
         let text = EXAMPLE.replace("max_jobs = 2", "max_jobs = \"two\"");
         let e = Config::parse(&text, "slate.toml").unwrap_err();
@@ -1288,6 +1513,59 @@ steps = [{ name = "install", run = "mpbb install-port {port}" }]
         assert!(e.0[0].message.contains("create"), "{e}");
         let bad = text.replace("warm = 1", "warm = 1\nprovider_typo = 2");
         assert!(Config::parse(&bad, "x.toml").is_err());
+    }
+
+    #[test]
+    fn plan_step_and_artifacts_parse_and_are_validated() {
+        let text = r#"
+[[pool]]
+name = "p"
+image = "/img"
+limits = { artifacts = "10MiB" }
+
+[[pipeline]]
+name = "x"
+pools = ["p"]
+
+[pipeline.plan]
+name = "list"
+run = "echo '{\"name\": \"a\"}'"
+timeout = "5m"
+
+[[pipeline.steps]]
+name = "build"
+run = "make {port}"
+artifacts = ["logs/**", "**/config.log"]
+"#;
+        let c = Config::parse(text, "x.toml").unwrap();
+        assert_eq!(c.pools[0].artifacts_limit, 10 << 20);
+        let plan = c.pipelines[0].plan.as_ref().unwrap();
+        assert_eq!(plan.name, "list");
+        assert_eq!(plan.timeout, Some(Duration::from_secs(300)));
+        assert_eq!(c.pipelines[0].steps[0].artifacts.len(), 2);
+        assert_eq!(
+            Config::parse("", "x.toml").map(|_| ()),
+            Ok(()),
+            "no pools, no pipelines"
+        );
+
+        let bad = text.replace("\"logs/**\"", "\"../etc/*\"");
+        let e = Config::parse(&bad, "x.toml").unwrap_err();
+        assert_eq!(e.0[0].key, "pipeline[0].steps[0].artifacts", "{e}");
+        assert_eq!(e.0[0].line, 19, "{e}");
+        let bad = text.replace("timeout = \"5m\"", "timeout = \"soon\"");
+        let e = Config::parse(&bad, "x.toml").unwrap_err();
+        assert_eq!(
+            (e.0[0].key.as_str(), e.0[0].line),
+            ("pipeline[0].plan.timeout", 14),
+            "{e}"
+        );
+        let bad = text.replace("timeout = \"5m\"", "timeout = \"5m\"\nretries = 2");
+        let e = Config::parse(&bad, "x.toml").unwrap_err();
+        assert!(e.0[0].message.contains("retries"), "{e}");
+        let bad = text.replace("\"10MiB\"", "\"lots\"");
+        let e = Config::parse(&bad, "x.toml").unwrap_err();
+        assert_eq!(e.0[0].key, "pool[0].limits.artifacts", "{e}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// Identifier of a build (one change, one pipeline).
@@ -51,6 +52,19 @@ pub enum JobState {
     Cancelled,
     TimedOut,
 }
+
+impl Job {
+    /// The commit status context: `slate/<pool>`, or `slate/<pool>/<target>`.
+    pub fn context(&self) -> String {
+        match &self.target {
+            Some(t) => format!("slate/{}/{t}", self.pool),
+            None => format!("slate/{}", self.pool),
+        }
+    }
+}
+
+/// The target name of a build's planning jobs (one per pool).
+pub const PLAN_TARGET: &str = "plan";
 
 impl JobState {
     pub const ALL: [JobState; 8] = [
@@ -216,6 +230,11 @@ pub struct Job {
     pub id: JobId,
     pub build_id: BuildId,
     pub pool: String,
+    /// What the job builds within its pool (a port, a printed plan target, or `plan` for
+    /// a planning job); `None` for a plain one-job-per-pool build.
+    pub target: Option<String>,
+    /// The target's variables, substituted as `{name}` into the steps' commands.
+    pub vars: BTreeMap<String, String>,
     pub state: JobState,
     /// Why the job is in its state (shown in statuses: "superseded by abc123", "merge conflict").
     pub reason: Option<String>,

@@ -193,6 +193,7 @@ fn bench_spec(image: &Path, agent: &Path, sock: &Path, n: i64) -> WorkerSpec {
             pids: Some(PIDS),
             cpus: None,
             timeout: Duration::from_secs(60),
+            disk_bytes: None,
         },
         network: Network::None,
         runtime: "runc".into(),

@@ -176,6 +176,7 @@ async fn main() {
                 pids: None,
                 cpus: None,
                 timeout: Duration::from_secs(600),
+                disk_bytes: None,
             },
             network: Network::None,
             runtime: String::new(),

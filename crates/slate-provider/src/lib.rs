@@ -5,10 +5,12 @@
 //! `destroy()` of something already gone succeeds.
 
 pub mod exec;
+pub mod libvirt;
 pub mod qemu;
 pub mod sandbox;
 
 pub use exec::{ExecCache, ExecConfig, ExecProvider};
+pub use libvirt::{LibvirtConfig, LibvirtProvider};
 pub use qemu::{QemuConfig, QemuProvider};
 pub use sandbox::SandboxProvider;
 

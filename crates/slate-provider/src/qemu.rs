@@ -7,6 +7,7 @@
 //! ```text
 //! <root>/slate-<id>/disk.qcow2    overlay backed by <image>/disk.qcow2 (qemu-img create -b)
 //!                  /token         the job token (0600), exposed as fw_cfg opt/slate/token
+//!                  /mounts        the shared-cache mounts, exposed as fw_cfg opt/slate/mounts
 //!                  /console.log   serial console + qemu's own stderr
 //!                  /qmp.sock      QMP, used by destroy
 //!                  /qemu.pid      qemu's pidfile
@@ -17,13 +18,19 @@
 //! 9p share `workspace`; no network. `spec.agent_binary` is not used: a VM image carries
 //! its own agent. See `slate_testkit::vm_image` for a guest that does all this.
 //!
+//! Shared caches: `spec.mounts[i]` is the 9p share `slate-cache-<i>` of its host directory
+//! (`readonly=on` in qemu when read-only, so a guest remounting it rw still cannot write),
+//! and fw_cfg `opt/slate/mounts` lists one `slate-cache-<i> <target> ro|rw` line per mount
+//! for the guest to mount in that order. A read-write share writes straight into the host
+//! directory (an overlay's merged dir puts the writes in its upper layer).
+//!
 //! Architecture invariant: a process is only ever signalled after `/proc/<pid>/cmdline`
 //! shows `-name slate-<id>` and a path inside this provider's root.
 
 mod host;
 
 use crate::sandbox::valid_name;
-use crate::{Provider, ProviderError, Result, Worker, WorkerSpec};
+use crate::{Provider, ProviderError, Result, Worker, WorkerMount, WorkerSpec};
 use async_trait::async_trait;
 use slate_core::config::Network;
 use std::collections::{BTreeSet, HashMap};
@@ -55,6 +62,12 @@ pub const AGENT_PORT: &str = "org.slate.agent";
 pub const TOKEN_FW_CFG: &str = "opt/slate/token";
 /// 9p mount tag of the source tree.
 pub const WORKSPACE_TAG: &str = "workspace";
+/// fw_cfg entry listing the shared-cache mounts, one `<tag> <target> ro|rw` line each.
+pub const MOUNTS_FW_CFG: &str = "opt/slate/mounts";
+/// 9p mount tag of `spec.mounts[i]` is this prefix followed by `i`.
+pub const CACHE_TAG_PREFIX: &str = "slate-cache-";
+/// Each mount is a PCI device; the `pc` machine has 32 slots in all.
+const MAX_MOUNTS: usize = 16;
 
 /// Which accelerator qemu uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -162,7 +175,13 @@ impl QemuProvider {
             .unwrap_or_else(|_| self.root.clone())
     }
 
-    async fn provision_inner(&self, spec: &WorkerSpec, name: &str, job: &Path) -> Result<Worker> {
+    async fn provision_inner(
+        &self,
+        spec: &WorkerSpec,
+        shares: &[CacheShare],
+        name: &str,
+        job: &Path,
+    ) -> Result<Worker> {
         let image = canonical_dir(&spec.image, "image")?;
         let base_disk = image_file(&image, "disk.qcow2")?;
         let kernel = image_file(&image, "vmlinuz")?;
@@ -230,6 +249,11 @@ impl QemuProvider {
         let token = job.join("token");
         write_private(&token, spec.agent_token.expose().as_bytes())
             .map_err(io_err("write token"))?;
+        let mounts_file = job.join("mounts");
+        if !shares.is_empty() {
+            write_private(&mounts_file, mounts_listing(shares).as_bytes())
+                .map_err(io_err("write mounts"))?;
+        }
 
         let console_log = job.join("console.log");
         let console = fs::OpenOptions::new()
@@ -302,6 +326,20 @@ impl QemuProvider {
             cmd.arg("-virtfs").arg(format!(
                 "local,path={},mount_tag={WORKSPACE_TAG},security_model=none,readonly=on",
                 source.display()
+            ));
+        }
+        for share in shares {
+            cmd.arg("-virtfs").arg(format!(
+                "local,path={},mount_tag={},security_model=none{}",
+                share.host.display(),
+                share.tag,
+                if share.read_only { ",readonly=on" } else { "" }
+            ));
+        }
+        if !shares.is_empty() {
+            cmd.arg("-fw_cfg").arg(format!(
+                "name={MOUNTS_FW_CFG},file={}",
+                mounts_file.display()
             ));
         }
         let mut child = cmd
@@ -482,6 +520,8 @@ impl Provider for QemuProvider {
         match spec.network {
             Network::None => {}
         }
+        // Refused before anything exists, so a bad spec leaves nothing behind.
+        let shares = cache_shares(&spec.mounts)?;
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -497,7 +537,7 @@ impl Provider for QemuProvider {
             }
             Err(e) => return Err(io_err("create worker directory")(e)),
         }
-        match self.provision_inner(&spec, &name, &job).await {
+        match self.provision_inner(&spec, &shares, &name, &job).await {
             Ok(worker) => {
                 tracing::info!(
                     job.id = spec.job_id.0,
@@ -561,6 +601,85 @@ fn canonical_dir(path: &Path, what: &str) -> Result<PathBuf> {
         .ok_or_else(|| ProviderError::Spec(format!("{what} {} is not a directory", path.display())))
 }
 
+/// A validated `spec.mounts[i]`: its resolved host directory and 9p tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CacheShare {
+    host: PathBuf,
+    tag: String,
+    target: String,
+    read_only: bool,
+}
+
+/// Checks every mount and names its share; the first bad one is a [`ProviderError::Spec`].
+fn cache_shares(mounts: &[WorkerMount]) -> Result<Vec<CacheShare>> {
+    if mounts.len() > MAX_MOUNTS {
+        return Err(ProviderError::Spec(format!(
+            "{} mounts, a VM takes at most {MAX_MOUNTS}",
+            mounts.len()
+        )));
+    }
+    mounts
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            check_target(&m.target)?;
+            let host = canonical_dir(&m.host_path, "mount source")?;
+            // qemu's option syntax splits on commas (checked after symlinks are resolved).
+            if host.to_string_lossy().contains(',') {
+                return Err(ProviderError::Spec(format!(
+                    "mount source {} contains a comma",
+                    host.display()
+                )));
+            }
+            Ok(CacheShare {
+                host,
+                tag: format!("{CACHE_TAG_PREFIX}{i}"),
+                target: m.target.clone(),
+                read_only: m.read_only,
+            })
+        })
+        .collect()
+}
+
+/// A mount target must be an absolute path other than `/`, without `..` (the guest
+/// resolves it, not slate) and without whitespace or control characters (the guest reads
+/// the mounts list as space-separated lines).
+fn check_target(target: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(ProviderError::Spec(format!(
+            "mount target {target:?} {why}"
+        )))
+    };
+    if !target.starts_with('/') {
+        return bad("is not an absolute path");
+    }
+    if target.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("contains whitespace or a control character");
+    }
+    if target.split('/').any(|c| c == "..") {
+        return bad("contains `..`");
+    }
+    if target.split('/').all(|c| c.is_empty() || c == ".") {
+        return bad("is the root directory");
+    }
+    Ok(())
+}
+
+/// The fw_cfg `opt/slate/mounts` content: `<tag> <target> ro|rw` per line, in order.
+fn mounts_listing(shares: &[CacheShare]) -> String {
+    shares
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {}\n",
+                s.tag,
+                s.target,
+                if s.read_only { "ro" } else { "rw" }
+            )
+        })
+        .collect()
+}
+
 fn image_file(image: &Path, file: &str) -> Result<PathBuf> {
     let p = image.join(file);
     if p.is_file() {
@@ -591,6 +710,61 @@ fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_become_numbered_shares_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        fs::create_dir_all(&a).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        let m = |host: &Path, target: &str, read_only| WorkerMount {
+            host_path: host.to_path_buf(),
+            target: target.into(),
+            read_only,
+        };
+        let shares =
+            cache_shares(&[m(&a, "/srv/mirror", true), m(&b, "/var/cache/d", false)]).unwrap();
+        assert_eq!(shares[0].host, a.canonicalize().unwrap());
+        assert_eq!(shares[1].tag, "slate-cache-1");
+        assert_eq!(
+            mounts_listing(&shares),
+            "slate-cache-0 /srv/mirror ro\nslate-cache-1 /var/cache/d rw\n"
+        );
+        assert!(cache_shares(&[]).unwrap().is_empty());
+
+        for target in [
+            "relative/dir",
+            "",
+            "/",
+            "//.",
+            "/a/../etc",
+            "/..",
+            "/a b",
+            "/a\tb",
+            "/a\nslate-cache-9 /etc rw",
+        ] {
+            let err = cache_shares(&[m(&a, target, false)]).unwrap_err();
+            assert!(
+                matches!(&err, ProviderError::Spec(s) if s.contains("mount target")),
+                "{target:?}: {err}"
+            );
+        }
+        let comma = dir.path().join("x,y");
+        fs::create_dir_all(&comma).unwrap();
+        let err = cache_shares(&[m(&comma, "/c", true)]).unwrap_err();
+        assert!(err.to_string().contains("comma"), "{err}");
+        // A symlink hiding a comma is resolved first.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&comma, &link).unwrap();
+        assert!(cache_shares(&[m(&link, "/c", true)]).is_err());
+        let err = cache_shares(&[m(&dir.path().join("missing"), "/c", true)]).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        let many: Vec<_> = (0..=MAX_MOUNTS)
+            .map(|i| m(&a, &format!("/c{i}"), true))
+            .collect();
+        assert!(cache_shares(&many).is_err());
+    }
 
     #[tokio::test]
     async fn destroy_refuses_bad_names_and_succeeds_on_nothing() {

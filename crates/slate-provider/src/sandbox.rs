@@ -9,7 +9,15 @@
 //!                  /console.log   runtime + agent stdout/stderr
 //!                  /upper /work /rootfs            overlay over the image
 //!                  /ws-upper /ws-work /workspace   overlay over the source (or a plain dir)
+//!                  /disk.img, /disk                with `limits.disk`: a sparse ext4 file,
+//!                                                  loop-mounted; upper, work, ws-upper,
+//!                                                  ws-work (and a plain workspace) move in
 //! ```
+//!
+//! The disk quota is a filesystem of the job's own rather than a tmpfs with `size=`:
+//! tmpfs pages are charged to the memory cgroup of whoever writes them and stay charged
+//! (no swap) until the file is deleted, so a tmpfs quota would eat the job's memory limit
+//! and a quota above the memory limit could never be reached.
 //!
 //! Architecture invariant: the image and source directories are only ever overlay lower
 //! layers; nothing here writes to them.
@@ -111,25 +119,52 @@ impl SandboxProvider {
 
         fs::write(job.join("runtime"), &spec.runtime).map_err(io_err("record runtime"))?;
 
+        // With a disk quota, every writable layer lives on the job's own filesystem.
+        let layers = match spec.limits.disk_bytes {
+            Some(bytes) => {
+                let disk = job.join("disk");
+                mkdir(&disk)?;
+                let t0 = Instant::now();
+                let (img, at) = (job.join("disk.img"), disk.clone());
+                tokio::task::spawn_blocking(move || host::mount_disk(&img, bytes, &at))
+                    .await
+                    .map_err(|e| ProviderError::Other(format!("disk task: {e}")))?
+                    .map_err(io_err("make the job's disk"))?;
+                tracing::debug!(
+                    worker = name,
+                    disk_bytes = bytes,
+                    duration_ms = t0.elapsed().as_millis() as u64,
+                    "job disk mounted"
+                );
+                disk
+            }
+            None => job.to_path_buf(),
+        };
+
         let rootfs = job.join("rootfs");
-        for d in ["upper", "work", "rootfs"] {
-            mkdir(&job.join(d))?;
+        mkdir(&rootfs)?;
+        for d in ["upper", "work"] {
+            mkdir(&layers.join(d))?;
         }
-        host::mount_overlay(&image, &job.join("upper"), &job.join("work"), &rootfs)
+        host::mount_overlay(&image, &layers.join("upper"), &layers.join("work"), &rootfs)
             .map_err(io_err("mount image overlay"))?;
 
-        let workspace = job.join("workspace");
-        mkdir(&workspace)?;
+        let mut workspace = job.join("workspace");
         if let Some(source) = &source {
-            mkdir(&job.join("ws-upper"))?;
-            mkdir(&job.join("ws-work"))?;
+            mkdir(&workspace)?;
+            mkdir(&layers.join("ws-upper"))?;
+            mkdir(&layers.join("ws-work"))?;
             host::mount_overlay(
                 source,
-                &job.join("ws-upper"),
-                &job.join("ws-work"),
+                &layers.join("ws-upper"),
+                &layers.join("ws-work"),
                 &workspace,
             )
             .map_err(io_err("mount source overlay"))?;
+        } else {
+            // A plain directory: on the job's disk when there is one.
+            workspace = layers.join("workspace");
+            mkdir(&workspace)?;
         }
 
         create_mount_point_file(&rootfs, AGENT_PATH)?;
@@ -342,6 +377,7 @@ impl SandboxProvider {
                 host::remove_cgroup(&dir).map_err(io_err("remove cgroup"))?;
             }
             host::unmount_all_under(&job).map_err(io_err("unmount worker"))?;
+            host::detach_loops_under(&job).map_err(io_err("detach the job's disk"))?;
             host::remove_job_dir(&job).map_err(io_err("remove worker directory"))
         })
         .await

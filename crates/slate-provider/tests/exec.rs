@@ -132,6 +132,7 @@ impl Fixture {
                 pids: None,
                 cpus: Some(4.0),
                 timeout: Duration::from_secs(3600),
+                disk_bytes: None,
             },
             network: Network::None,
             runtime: "runc".into(),

@@ -5,7 +5,9 @@ use slate_core::config::{Limits, Network};
 use slate_core::{JobId, Secret};
 use slate_proto::{AgentMsg, JobSpec, ServerMsg, StepSpec};
 use slate_provider::qemu::Accel;
-use slate_provider::{Provider, QemuConfig, QemuProvider, Worker, WorkerSpec};
+use slate_provider::{
+    Provider, ProviderError, QemuConfig, QemuProvider, Worker, WorkerMount, WorkerSpec,
+};
 use slate_testkit::vm_image::{broken_vm_image, sha256_file, vm_image, MARKER};
 use std::collections::BTreeMap;
 use std::fs;
@@ -77,6 +79,7 @@ impl Fixture {
                 pids: None,
                 cpus: None,
                 timeout: Duration::from_secs(600),
+                disk_bytes: None,
             },
             network: Network::None,
             runtime: String::new(),
@@ -545,4 +548,196 @@ async fn provisioning_a_bad_image_fails_and_leaves_nothing() {
         .contains("agent"));
     fx.provider.destroy(&name).await.unwrap();
     fx.assert_gone(&name);
+}
+
+/// An overlayfs mounted on the host (as slate-cache mounts a distfiles cache) in its own
+/// temp dir; unmounted and removed on drop, even after a panic. Declare it before the
+/// [`Fixture`] so the VMs are destroyed first.
+struct HostOverlay {
+    dir: TempDir,
+}
+
+impl HostOverlay {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["lower", "upper", "work", "merged"] {
+            fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        fs::write(dir.path().join("lower/shared.tar"), "from the mirror\n").unwrap();
+        let p = |d: &str| dir.path().join(d).display().to_string();
+        run(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={},upperdir={},workdir={}",
+                p("lower"),
+                p("upper"),
+                p("work")
+            ))
+            .arg(p("merged")));
+        Self { dir }
+    }
+
+    fn path(&self, d: &str) -> PathBuf {
+        self.dir.path().join(d)
+    }
+}
+
+impl Drop for HostOverlay {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.path("merged"))
+            .status();
+    }
+}
+
+/// Every file under `dir`, relative, sorted.
+fn tree(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(base).unwrap().display().to_string());
+            if e.file_type().unwrap().is_dir() {
+                walk(base, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_mounts_reach_the_guest_read_only_and_read_write() {
+    let overlay = HostOverlay::new();
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    let source = fx.dir.path().join("src");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("main.c"), "int main;\n").unwrap();
+    let mirror = fx.dir.path().join("mirror");
+    fs::create_dir_all(mirror.join("pool")).unwrap();
+    fs::write(mirror.join("pool/index"), "mirror index v1\n").unwrap();
+    let plain = fx.dir.path().join("plain-cache");
+    fs::create_dir_all(&plain).unwrap();
+    fs::write(plain.join("old"), "old entry\n").unwrap();
+
+    let mut spec = fx.spec(&fx.image(), Some(source.clone()));
+    let name = spec.job_id.resource_name();
+    spec.mounts = vec![
+        WorkerMount {
+            host_path: mirror.clone(),
+            target: "/srv/mirror".into(),
+            read_only: true,
+        },
+        WorkerMount {
+            host_path: plain.clone(),
+            target: "/var/cache/plain".into(),
+            read_only: false,
+        },
+        // Inside the workspace: must be mounted on top of the workspace overlay.
+        WorkerMount {
+            host_path: overlay.path("merged"),
+            target: "/workspace/distfiles".into(),
+            read_only: false,
+        },
+    ];
+    let script = "cat /srv/mirror/pool/index; \
+        if echo x > /srv/mirror/guest 2>/dev/null; then echo RO-WRITTEN; else echo ro-refused; fi; \
+        mount -o remount,rw /srv/mirror 2>/dev/null && echo remounted; \
+        if echo x > /srv/mirror/after-remount 2>/dev/null; then echo REMOUNT-WRITTEN; else echo remount-refused; fi; \
+        cat /var/cache/plain/old; \
+        echo fetched > /var/cache/plain/new && mkdir -p /var/cache/plain/sub && echo deep > /var/cache/plain/sub/f && echo plain-written; \
+        cat /workspace/distfiles/shared.tar; ls /workspace; \
+        echo tarball > /workspace/distfiles/pkg-1.0.tar.gz && echo distfiles-written";
+    let (mut worker, seen) = run_job(&fx.provider, spec, script).await;
+    assert!(seen.success, "{}", seen.output);
+    let out = &seen.output;
+    for want in [
+        "mirror index v1",
+        "ro-refused",
+        "remount-refused",
+        "old entry",
+        "plain-written",
+        "from the mirror",
+        "main.c",
+        "distfiles-written",
+    ] {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
+    assert!(!out.contains("WRITTEN"), "read-only cache written:\n{out}");
+    assert_eq!(exit_code(&mut worker).await, 0);
+
+    // Read-only: nothing changed on the host.
+    assert_eq!(tree(&mirror), ["pool", "pool/index"]);
+    // Read-write: the guest's files are in the host directory.
+    assert_eq!(fs::read_to_string(plain.join("new")).unwrap(), "fetched\n");
+    assert_eq!(fs::read_to_string(plain.join("sub/f")).unwrap(), "deep\n");
+    assert_eq!(
+        fs::read_to_string(plain.join("old")).unwrap(),
+        "old entry\n"
+    );
+    // Overlay: the new file is in the upper layer only; the lower layer is untouched.
+    assert_eq!(
+        fs::read_to_string(overlay.path("upper/pkg-1.0.tar.gz")).unwrap(),
+        "tarball\n"
+    );
+    assert_eq!(tree(&overlay.path("upper")), ["pkg-1.0.tar.gz"]);
+    assert_eq!(tree(&overlay.path("lower")), ["shared.tar"]);
+    // The workspace is still the source's copy-on-write view, the source is untouched.
+    assert_eq!(tree(&source), ["main.c"]);
+
+    fx.provider.destroy(&name).await.unwrap();
+    fx.assert_gone(&name);
+    // Destroying the worker leaves the host's cache directories alone.
+    assert_eq!(tree(&plain), ["new", "old", "sub", "sub/f"]);
+    assert!(overlay.path("merged/pkg-1.0.tar.gz").is_file());
+}
+
+#[tokio::test]
+async fn bad_cache_mounts_are_refused_before_qemu_starts() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    let cache = fx.dir.path().join("cache");
+    fs::create_dir_all(&cache).unwrap();
+    let comma = fx.dir.path().join("a,b");
+    fs::create_dir_all(&comma).unwrap();
+    let cases = [
+        (cache.clone(), "var/cache", "not an absolute path"),
+        (cache.clone(), "/var/../etc", ".."),
+        (cache.clone(), "/var/my cache", "whitespace"),
+        (cache.clone(), "/", "root"),
+        (comma, "/var/cache", "comma"),
+        (
+            fx.dir.path().join("missing"),
+            "/var/cache",
+            "not a directory",
+        ),
+    ];
+    for (host_path, target, why) in cases {
+        let mut spec = fx.spec(&fx.image(), None);
+        let name = spec.job_id.resource_name();
+        // A good mount first: the bad one must still stop everything.
+        spec.mounts = vec![
+            WorkerMount {
+                host_path: cache.clone(),
+                target: "/ok".into(),
+                read_only: true,
+            },
+            WorkerMount {
+                host_path,
+                target: target.into(),
+                read_only: false,
+            },
+        ];
+        // Bound, so a qemu that did start would connect instead of exiting at once.
+        let _listener = UnixListener::bind(&spec.agent_socket).unwrap();
+        let err = fx.provider.provision(spec).await.unwrap_err();
+        assert!(
+            matches!(&err, ProviderError::Spec(s) if s.contains(why)),
+            "{target}: {err}"
+        );
+        fx.assert_gone(&name);
+        assert!(fx.provider.list().await.unwrap().is_empty());
+    }
+    assert_eq!(tree(&cache), Vec::<String>::new());
 }

@@ -69,6 +69,7 @@ impl Fixture {
                 pids: None,
                 cpus: None,
                 timeout: Duration::from_secs(60),
+                disk_bytes: None,
             },
             network: Network::None,
             runtime: "runc".into(),
@@ -307,6 +308,92 @@ async fn limits_are_applied_and_destroy_kills_a_running_worker() {
     assert_eq!(exit_code(&mut worker).await, 137);
     assert_eq!(fx.leaks(), Vec::<String>::new());
     assert!(!fx.provider.list().await.unwrap().contains(&name));
+}
+
+#[tokio::test]
+async fn a_disk_quota_gives_enospc_and_destroy_detaches_the_loop_device() {
+    let mut fx = Fixture::new();
+    let source = fx.dir.path().join("source");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("README"), "hello\n").unwrap();
+    // Both writable layers share the one quota: 20 MiB in the rootfs, then the workspace
+    // runs out.
+    let mut spec = fx.spec(
+        r#"dd if=/dev/zero of=/root-file bs=1M count=20 2>/dev/null; echo $? > /run/slate/rootfs
+dd if=/dev/zero of=/workspace/big bs=1M count=100 2>/run/slate/dd-err; echo $? > /run/slate/ws
+cat /workspace/README > /run/slate/readme
+exit 0"#,
+    );
+    spec.source = Some(source.clone());
+    spec.limits.disk_bytes = Some(32 << 20);
+    let sock = fx.sock_dir(spec.job_id);
+    let name = spec.job_id.resource_name();
+    let started = Instant::now();
+    let mut worker = fx.provider.provision(spec).await.unwrap();
+    let provision = started.elapsed();
+    let job = fx.root().canonicalize().unwrap().join(&name);
+    assert!(
+        slate_testkit::leaks::loop_devices()
+            .iter()
+            .any(|(_, f)| f.starts_with(&job)),
+        "no loop device while the worker runs"
+    );
+    assert_eq!(exit_code(&mut worker).await, 0);
+    assert_eq!(fs::read_to_string(sock.join("rootfs")).unwrap().trim(), "0");
+    assert_ne!(fs::read_to_string(sock.join("ws")).unwrap().trim(), "0");
+    let err = fs::read_to_string(sock.join("dd-err")).unwrap();
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(fs::read_to_string(sock.join("readme")).unwrap(), "hello\n");
+    // The image file never grows beyond the quota.
+    let used =
+        std::os::unix::fs::MetadataExt::blocks(&fs::metadata(job.join("disk.img")).unwrap()) * 512;
+    assert!(used <= 32 << 20, "disk image uses {used} bytes");
+    assert_eq!(
+        fs::read_dir(&source).unwrap().count(),
+        1,
+        "the source was written"
+    );
+
+    fx.provider.destroy(&name).await.unwrap();
+    assert_eq!(fx.leaks(), Vec::<String>::new());
+    eprintln!("provisioned with a 32 MiB disk in {provision:?}");
+}
+
+/// Provisioning time (provision call until the agent runs) without a disk quota and with
+/// a 2 GiB one, alternating; prints the medians. Formatting is lazy, so the quota costs a
+/// few milliseconds, not a write of the whole disk.
+#[tokio::test]
+async fn a_disk_quota_costs_little_provisioning_time() {
+    let mut fx = Fixture::new();
+    let (mut plain, mut quota) = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        let mut spec = fx.spec("echo ready > /run/slate/ready\nexec sleep 1000");
+        if i % 2 == 1 {
+            spec.limits.disk_bytes = Some(2 << 30);
+        }
+        let with_quota = spec.limits.disk_bytes.is_some();
+        let sock = fx.sock_dir(spec.job_id);
+        let name = spec.job_id.resource_name();
+        let started = Instant::now();
+        let worker = fx.provider.provision(spec).await.unwrap();
+        wait_for_file(&sock.join("ready"), &worker).await;
+        let took = started.elapsed();
+        if with_quota {
+            quota.push(took)
+        } else {
+            plain.push(took)
+        }
+        fx.provider.destroy(&name).await.unwrap();
+    }
+    plain.sort();
+    quota.sort();
+    let (p, q) = (plain[plain.len() / 2], quota[quota.len() / 2]);
+    eprintln!("provision to agent running, median of 5: no quota {p:?}, 2 GiB quota {q:?}");
+    assert!(
+        q < p + Duration::from_secs(1),
+        "a 2 GiB quota took {q:?} against {p:?}"
+    );
+    assert_eq!(fx.leaks(), Vec::<String>::new());
 }
 
 #[tokio::test]

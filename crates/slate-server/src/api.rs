@@ -19,6 +19,11 @@ pub struct JobView {
     pub id: i64,
     pub build_id: i64,
     pub pool: String,
+    /// What the job builds (a port, a plan target, `plan`), if it has a target.
+    pub target: Option<String>,
+    pub vars: std::collections::BTreeMap<String, String>,
+    /// The commit status context (`slate/<pool>` or `slate/<pool>/<target>`).
+    pub context: String,
     pub state: JobState,
     pub reason: Option<String>,
     pub attempt: u32,
@@ -81,6 +86,9 @@ async fn job_view(app: &App, job: Job, with_steps: bool) -> Result<JobView, ApiE
         id: job.id.0,
         build_id: job.build_id.0,
         log_url: format!("{}/api/v1/jobs/{}/log", app.public_url, job.id.0),
+        context: job.context(),
+        target: job.target,
+        vars: job.vars,
         pool: job.pool,
         state: job.state,
         reason: job.reason,
@@ -229,6 +237,18 @@ pub async fn submit(
     {
         InsertOutcome::Inserted(id) | InsertOutcome::Duplicate(id) => id,
     };
+    // Another replica's event loop may have seen it first; then it builds it.
+    if !app
+        .store
+        .claim_event(id, &app.replica_id, std::time::Duration::from_secs(120))
+        .await?
+    {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"event_id": id, "build_id": null})),
+        )
+            .into_response());
+    }
     let result = crate::events::start_build(
         &app,
         &repo,

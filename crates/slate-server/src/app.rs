@@ -49,6 +49,8 @@ pub enum StartError {
     },
     #[error("pool {pool}: an exec pool's agents dial back over tcp: set [server] agent_listen or [pool.exec] agent_url")]
     NoAgentListener { pool: String },
+    #[error("pool {pool}: {detail} (build it with `slate image build`)")]
+    NamedImage { pool: String, detail: String },
     #[error("github client: {0}")]
     Forge(String),
 }
@@ -85,6 +87,14 @@ pub struct App {
     pub agents: crate::agents::AgentRegistry,
     /// Shared caches: mirrors, PR layers, per-job overlays.
     pub caches: Arc<slate_cache::CacheManager>,
+    /// The image version each running job was started on (pinned: a rebuild never
+    /// changes a running job; `gc` must keep these).
+    pub images_in_use: Mutex<HashMap<JobId, PathBuf>>,
+    /// This server's name in job leases and event claims.
+    pub replica_id: String,
+    /// Several replicas share the store (PostgreSQL): jobs are leased, events claimed,
+    /// and startup recovery touches only this replica's own machines.
+    pub replicated: bool,
 }
 
 /// Read a secret from its configured source.
@@ -211,8 +221,20 @@ impl App {
         ));
         let mut providers = HashMap::new();
         for pool in &config.pools {
-            // An exec pool's image is the hooks' business (a VM name, an inventory path).
-            if pool.provider != ProviderKind::Exec && !pool.image.is_dir() {
+            // An exec pool's image is the hooks' business (a VM name, an inventory path);
+            // a sandbox pool may name a built image (`slate image build`) instead of a path.
+            let named = pool.provider == ProviderKind::Sandbox
+                && !pool.image.to_string_lossy().contains('/');
+            if named {
+                if let Err(e) =
+                    slate_image::resolve(&data_dir.join("images"), &pool.image.to_string_lossy())
+                {
+                    return Err(StartError::NamedImage {
+                        pool: pool.name.clone(),
+                        detail: e.to_string(),
+                    });
+                }
+            } else if pool.provider != ProviderKind::Exec && !pool.image.is_dir() {
                 return Err(StartError::Image {
                     pool: pool.name.clone(),
                     image: pool.image.clone(),
@@ -220,6 +242,36 @@ impl App {
             }
             match pool.provider {
                 ProviderKind::Sandbox => providers.insert(pool.name.clone(), sandbox.clone()),
+                ProviderKind::Libvirt => {
+                    for f in ["disk.qcow2", "vmlinuz", "initrd.img"] {
+                        if !pool.image.join(f).is_file() {
+                            return Err(StartError::Image {
+                                pool: pool.name.clone(),
+                                image: pool.image.join(f),
+                            });
+                        }
+                    }
+                    let l = pool
+                        .libvirt
+                        .clone()
+                        .expect("validated: libvirt pools have settings");
+                    let cfg = slate_provider::LibvirtConfig {
+                        uris: l.uris,
+                        storage_pool: l.storage_pool,
+                        virt_type: if l.virt_type == "kvm" {
+                            slate_provider::libvirt::VirtType::Kvm
+                        } else {
+                            slate_provider::libvirt::VirtType::Qemu
+                        },
+                        ..Default::default()
+                    };
+                    let root = mk(data_dir.join("libvirt-workers").join(&pool.name))?;
+                    providers.insert(
+                        pool.name.clone(),
+                        Arc::new(slate_provider::LibvirtProvider::new(root, cfg))
+                            as Arc<dyn Provider>,
+                    )
+                }
                 ProviderKind::Qemu => {
                     for f in ["disk.qcow2", "vmlinuz", "initrd.img"] {
                         if !pool.image.join(f).is_file() {
@@ -280,6 +332,17 @@ impl App {
             };
         }
 
+        let replicated = config
+            .server
+            .database
+            .as_deref()
+            .is_some_and(|d| d.starts_with("postgres"));
+        let replica_id = config.server.replica_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}:{}", data_dir.display())
+        });
         let public_url = config.server.public_url.clone().unwrap_or_else(|| {
             format!(
                 "http://{}",
@@ -312,6 +375,9 @@ impl App {
             shutdown: CancellationToken::new(),
             agents: crate::agents::AgentRegistry::default(),
             caches,
+            images_in_use: Mutex::new(HashMap::new()),
+            replica_id,
+            replicated,
         }))
     }
 
@@ -332,7 +398,7 @@ impl App {
             repo: build.change.repo.clone(),
             sha: build.change.head_sha.clone(),
             state: ReportState::for_job(job.state),
-            context: format!("slate/{}", job.pool),
+            context: job.context(),
             description: description.to_string(),
             target_url: Some(self.job_url(job.id)),
         });

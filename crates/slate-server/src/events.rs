@@ -2,12 +2,14 @@
 
 use crate::app::App;
 use serde::{Deserialize, Serialize};
-use slate_core::config::RepoConfig;
+use slate_core::config::{PipelineConfig, PlannerKind, RepoConfig};
+use slate_core::macports;
 use slate_core::planner::{plan_pools, Plan};
 use slate_core::{BuildId, Change, JobState, ReportState, Trigger};
 use slate_forge::status::StatusUpdate;
 use slate_forge::webhook::{parse_event, WebhookEvent};
-use slate_store::{NewBuild, StoredEvent};
+use slate_store::{NewBuild, NewJob, StoredEvent};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +27,22 @@ pub async fn event_loop(app: Arc<App>) {
         let batch_lock = app.event_lock.lock().await;
         match app.store.unprocessed_events(64).await {
             Ok(events) if !events.is_empty() => {
+                let mut handled = 0;
                 for e in events {
+                    // Among replicas, one handles each event; a dead one's claim expires.
+                    match app
+                        .store
+                        .claim_event(e.id, &app.replica_id, Duration::from_secs(120))
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(err) => {
+                            tracing::error!(event.id = e.id, error = %err, "claiming event");
+                            continue;
+                        }
+                    }
+                    handled += 1;
                     let result = handle_event(&app, &e).await;
                     let err = result.as_ref().err().map(String::as_str);
                     if let Some(err) = err {
@@ -37,6 +54,15 @@ pub async fn event_loop(app: Arc<App>) {
                     }
                 }
                 drop(batch_lock);
+                if handled > 0 {
+                    continue;
+                }
+                // Everything left is claimed by other replicas: wait like an idle loop.
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = app.shutdown.cancelled() => return,
+                }
                 continue;
             }
             Ok(_) => {}
@@ -150,11 +176,39 @@ pub async fn start_build(
     let started = std::time::Instant::now();
     let prepared = app.git.prepare(repo, &change).await;
     let _planning = app.planning.lock().await;
-    let (pools, checkout, failure) = match prepared {
+    let plain = |pools: &[String]| pools.iter().map(NewJob::pool).collect::<Vec<_>>();
+    let (jobs, checkout, failure, note) = match prepared {
         Ok(p) => {
             change.head_sha = p.head_sha.clone();
+            if matches!(change.trigger, Trigger::PullRequest { .. }) {
+                // The base tip the merge was made on: another replica (or a rebuild)
+                // reproduces the same merge commit from it.
+                change.base_sha = p.base_sha.clone();
+            }
             match plan_pools(&pipeline, p.changed_files.as_deref()) {
-                Plan::Jobs(pools) => (pools, Some(p.checkout_sha), None),
+                Plan::Jobs(pools) if pipeline.planner == PlannerKind::Macports => {
+                    match plan_ports(app, repo, &p).await {
+                        Ok(plan) if plan.ports.is_empty() => {
+                            tracing::info!(repo = %change.repo, sha = %change.head_sha, note = %plan.note, "no port to build");
+                            report_all(app, &change, &pipeline, ReportState::Success, &plan.note);
+                            return Ok(None);
+                        }
+                        Ok(plan) => (
+                            target_jobs(&pipeline, &pools, &plan.ports),
+                            Some(p.checkout_sha),
+                            None,
+                            Some(plan.note),
+                        ),
+                        Err(e) => (plain(&pools), None, Some(e), None),
+                    }
+                }
+                Plan::Jobs(pools) if pipeline.plan.is_some() => (
+                    target_jobs(&pipeline, &pools, &[]),
+                    Some(p.checkout_sha),
+                    None,
+                    None,
+                ),
+                Plan::Jobs(pools) => (plain(&pools), Some(p.checkout_sha), None, None),
                 Plan::Skip { reason } => {
                     tracing::info!(repo = %change.repo, sha = %change.head_sha, reason, "no build needed");
                     if let Some(r) = &app.reporter {
@@ -173,7 +227,7 @@ pub async fn start_build(
                 }
             }
         }
-        Err(e) => (pipeline.pools.clone(), None, Some(e.to_string())),
+        Err(e) => (plain(&pipeline.pools), None, Some(e.to_string()), None),
     };
     let (build_id, job_ids) = app
         .store
@@ -181,7 +235,7 @@ pub async fn start_build(
             change: change.clone(),
             pipeline: pipeline.name.clone(),
             event_id,
-            pools,
+            jobs,
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -215,9 +269,10 @@ pub async fn start_build(
         .map_err(|e| e.to_string())?;
     for id in &job_ids {
         let job = app.store.get_job(*id).await.map_err(|e| e.to_string())?;
-        let desc = match &failure {
-            Some(r) => r.clone(),
-            None => "queued".to_string(),
+        let desc = match (&failure, &note) {
+            (Some(r), _) => r.clone(),
+            (None, Some(n)) => format!("queued; {n}"),
+            (None, None) => "queued".to_string(),
         };
         app.report(&build, &job, &desc);
     }
@@ -237,4 +292,93 @@ pub async fn start_build(
     }
     app.wake_scheduler.notify_one();
     Ok(Some(build_id))
+}
+
+/// The `macports` planner over the change: `git diff --name-status -M base...head`, and
+/// the checkout's Portfiles only when a PortGroup changed. No base: nothing to compare,
+/// no port.
+async fn plan_ports(
+    app: &App,
+    repo: &RepoConfig,
+    p: &crate::git::Prepared,
+) -> Result<macports::MacportsPlan, String> {
+    let Some(base) = &p.base_sha else {
+        let mut plan = macports::plan::<_, String, String>(&[], Vec::new(), 0);
+        plan.note = "no port changed (no base commit to compare with)".into();
+        return Ok(plan);
+    };
+    let text = app
+        .git
+        .name_status(&repo.name, base, &p.head_sha)
+        .await
+        .map_err(|e| format!("listing changed files: {e}"))?;
+    let changes =
+        macports::parse_name_status(&text).map_err(|e| format!("reading git diff: {e}"))?;
+    let portfiles = if macports::changed_portgroups(&changes).is_empty() {
+        Vec::new()
+    } else {
+        app.git
+            .portfiles(&repo.name, &p.checkout_sha)
+            .await
+            .map_err(|e| format!("reading Portfiles: {e}"))?
+    };
+    let limit = app
+        .config
+        .pipeline(&repo.pipeline)
+        .map(|pl| pl.portgroup_limit)
+        .unwrap_or(50);
+    let plan = macports::plan(&changes, portfiles, limit);
+    tracing::info!(
+        repo = %repo.name,
+        ports = plan.ports.len(),
+        refused = plan.refused.len(),
+        note = %plan.note,
+        "macports plan"
+    );
+    Ok(plan)
+}
+
+/// Jobs for static targets: with a plan step, one planning job per pool (the targets go
+/// to it as the `targets` variable); otherwise one job per target and pool, target-major.
+fn target_jobs(pipeline: &PipelineConfig, pools: &[String], targets: &[String]) -> Vec<NewJob> {
+    if pipeline.plan.is_some() {
+        let mut vars = BTreeMap::new();
+        if !targets.is_empty() {
+            vars.insert("targets".to_string(), targets.join(" "));
+        }
+        return pools
+            .iter()
+            .map(|pool| NewJob::target(pool, slate_core::PLAN_TARGET, vars.clone()))
+            .collect();
+    }
+    let mut jobs = Vec::with_capacity(targets.len() * pools.len());
+    for t in targets {
+        for pool in pools {
+            let vars = BTreeMap::from([("port".to_string(), t.clone())]);
+            jobs.push(NewJob::target(pool, t, vars));
+        }
+    }
+    jobs
+}
+
+/// One status per pool of the pipeline (a build that makes no job).
+fn report_all(
+    app: &App,
+    change: &Change,
+    pipeline: &PipelineConfig,
+    state: ReportState,
+    description: &str,
+) {
+    if let Some(r) = &app.reporter {
+        for pool in &pipeline.pools {
+            r.report(StatusUpdate {
+                repo: change.repo.clone(),
+                sha: change.head_sha.clone(),
+                state,
+                context: format!("slate/{pool}"),
+                description: description.to_string(),
+                target_url: None,
+            });
+        }
+    }
 }

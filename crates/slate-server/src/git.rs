@@ -34,6 +34,8 @@ pub struct Prepared {
     pub checkout_sha: String,
     /// `git diff --name-only base...head`; `None` when there is no base to compare with.
     pub changed_files: Option<Vec<String>>,
+    /// The base `changed_files` was computed against, if any.
+    pub base_sha: Option<String>,
 }
 
 /// All mirrors, one bare repository per configured repo under `dir`.
@@ -84,6 +86,63 @@ impl GitMirrors {
         Ok(path)
     }
 
+    /// Make sure this server's mirror has a build's checkout commit: a build planned by
+    /// another replica (or before a mirror was lost) is fetched again, and its merge
+    /// commit reproduced from the recorded base and head (merge commits are
+    /// deterministic, see `merge_commit`).
+    pub async fn ensure_checkout(
+        &self,
+        repo: &RepoConfig,
+        build: &slate_core::Build,
+    ) -> Result<(), GitError> {
+        let Some(sha) = build.checkout_sha.clone() else {
+            return Ok(());
+        };
+        {
+            let lock = self.lock(&repo.name);
+            let _guard = lock.lock().await;
+            let m = self.ensure(repo).await?;
+            if has_commit(&m, &sha).await {
+                return Ok(());
+            }
+        }
+        let mut change = build.change.clone();
+        let recorded_base = change.base_sha.clone();
+        if let Trigger::Manual { .. } = change.trigger {
+            change.head_sha = sha.clone();
+        }
+        let prepared = self.prepare(repo, &change).await?;
+        if prepared.checkout_sha == sha {
+            return Ok(());
+        }
+        // The base branch moved since: merge the recorded base, as the build did.
+        if let (Trigger::PullRequest { number, .. }, Some(base)) = (&change.trigger, recorded_base)
+        {
+            let lock = self.lock(&repo.name);
+            let _guard = lock.lock().await;
+            let m = self.mirror_path(&repo.name);
+            if !has_commit(&m, &base).await {
+                let _ = git(Some(&m), &["fetch", "-q", "--no-tags", "origin", &base]).await;
+            }
+            if has_commit(&m, &base).await {
+                let merged = merge_commit(&m, &base, &change.head_sha, *number).await?;
+                git(
+                    Some(&m),
+                    &[
+                        "update-ref",
+                        &format!("refs/slate/checkout/{merged}"),
+                        &merged,
+                    ],
+                )
+                .await?;
+                if merged == sha {
+                    return Ok(());
+                }
+            }
+        }
+        Err(GitError::MissingCommit(sha))
+    }
+
     /// Fetch what the change needs and compute what to check out.
     pub async fn prepare(&self, repo: &RepoConfig, change: &Change) -> Result<Prepared, GitError> {
         let lock = self.lock(&repo.name);
@@ -130,6 +189,7 @@ impl GitMirrors {
                     head_sha: head,
                     checkout_sha,
                     changed_files: Some(changed),
+                    base_sha: Some(base),
                 })
             }
             Trigger::Push { branch } | Trigger::Manual { branch } => {
@@ -153,19 +213,109 @@ impl GitMirrors {
                 if !has_commit(&m, &head).await {
                     return Err(GitError::MissingCommit(head));
                 }
-                let changed = match &change.base_sha {
+                let (changed, base_sha) = match &change.base_sha {
                     Some(b) if b != ZERO_SHA && has_commit(&m, b).await => {
-                        Some(diff_names(&m, b, &head).await?)
+                        (Some(diff_names(&m, b, &head).await?), Some(b.clone()))
                     }
-                    _ => None,
+                    _ => (None, None),
                 };
                 Ok(Prepared {
                     head_sha: head.clone(),
                     checkout_sha: head,
                     changed_files: changed,
+                    base_sha,
                 })
             }
         }
+    }
+
+    /// `git diff --name-status -M base...head` in the mirror (not `-z`; paths git has to
+    /// quote come C-quoted, as `slate_core::macports::parse_name_status` expects).
+    pub async fn name_status(
+        &self,
+        repo: &str,
+        base: &str,
+        head: &str,
+    ) -> Result<String, GitError> {
+        let m = self.mirror_path(repo);
+        git(
+            Some(&m),
+            &[
+                "-c",
+                "core.quotePath=true",
+                "diff",
+                "--name-status",
+                "-M",
+                &format!("{base}...{head}"),
+            ],
+        )
+        .await
+    }
+
+    /// Every `CATEGORY/PORT/Portfile` of commit `sha` with its text: one `ls-tree`, then
+    /// one `cat-file --batch` for all of them.
+    pub async fn portfiles(
+        &self,
+        repo: &str,
+        sha: &str,
+    ) -> Result<Vec<(String, String)>, GitError> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let m = self.mirror_path(repo);
+        let listing = git(Some(&m), &["ls-tree", "-r", "-z", sha]).await?;
+        // `<mode> blob <oid>\t<path>`, NUL-terminated.
+        let mut wanted: Vec<(String, String)> = Vec::new();
+        for entry in listing.split('\0') {
+            let Some((meta, path)) = entry.split_once('\t') else {
+                continue;
+            };
+            let mut parts = meta.split_whitespace();
+            let (_mode, kind, oid) = (parts.next(), parts.next(), parts.next());
+            if kind != Some("blob") || path.split('/').count() != 3 || !path.ends_with("/Portfile")
+            {
+                continue;
+            }
+            if let Some(oid) = oid {
+                wanted.push((path.to_string(), oid.to_string()));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut child = Command::new("git")
+            .arg("--git-dir")
+            .arg(&m)
+            .args(["cat-file", "--batch"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let request: String = wanted.iter().map(|(_, oid)| format!("{oid}\n")).collect();
+        let writer = tokio::spawn(async move {
+            let _ = stdin.write_all(request.as_bytes()).await;
+        });
+        let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut result = Vec::with_capacity(wanted.len());
+        for (path, oid) in wanted {
+            let mut header = String::new();
+            out.read_line(&mut header).await?;
+            let size: usize = header
+                .split_whitespace()
+                .nth(2)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| GitError::Command {
+                    args: format!("cat-file --batch ({oid})"),
+                    stderr: format!("unexpected header {:?}", header.trim()),
+                })?;
+            let mut body = vec![0u8; size + 1];
+            out.read_exact(&mut body).await?;
+            body.pop();
+            result.push((path, String::from_utf8_lossy(&body).into_owned()));
+        }
+        let _ = writer.await;
+        let _ = child.wait().await;
+        Ok(result)
     }
 
     /// Write the tree of `sha` into `dest` (which must not exist yet).
@@ -289,13 +439,30 @@ async fn merge_commit(m: &Path, base: &str, head: &str, pr: u64) -> Result<Strin
         Some(0) => {
             let tree = stdout.lines().next().unwrap_or("").trim().to_string();
             let msg = format!("Merge pull request #{pr} ({head}) into {base}");
-            Ok(git(
-                Some(m),
-                &["commit-tree", &tree, "-p", base, "-p", head, "-m", &msg],
-            )
-            .await?
-            .trim()
-            .to_string())
+            // Dated by the head commit, so the merge commit's id depends only on its
+            // inputs: every replica that merges the same base and head gets the same id.
+            let date = git(Some(m), &["show", "-s", "--format=%ct", head]).await?;
+            let date = format!("{} +0000", date.trim());
+            let out = Command::new("git")
+                .arg("--git-dir")
+                .arg(m)
+                .args(["commit-tree", &tree, "-p", base, "-p", head, "-m", &msg])
+                .env("GIT_AUTHOR_NAME", "slate")
+                .env("GIT_AUTHOR_EMAIL", "slate@localhost")
+                .env("GIT_COMMITTER_NAME", "slate")
+                .env("GIT_COMMITTER_EMAIL", "slate@localhost")
+                .env("GIT_AUTHOR_DATE", &date)
+                .env("GIT_COMMITTER_DATE", &date)
+                .stdin(Stdio::null())
+                .output()
+                .await?;
+            if !out.status.success() {
+                return Err(GitError::Command {
+                    args: "commit-tree".into(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         }
         Some(1) => {
             let files: Vec<&str> = stdout.lines().skip(1).filter(|l| !l.is_empty()).collect();

@@ -5,6 +5,8 @@
 pub mod agents;
 pub mod api;
 pub mod app;
+pub mod artifacts;
+mod dynamic;
 pub mod events;
 pub mod git;
 pub mod logs;
@@ -42,6 +44,11 @@ pub fn router_with_ui(app: Arc<App>, ui: ui::UiConfig) -> Router {
         .route("/api/v1/builds/{id}", get(api::get_build))
         .route("/api/v1/jobs/{id}", get(api::get_job))
         .route("/api/v1/jobs/{id}/log", get(api::job_log))
+        .route("/api/v1/jobs/{id}/artifacts", get(artifacts::list))
+        .route(
+            "/api/v1/jobs/{id}/artifacts/{*path}",
+            get(artifacts::download),
+        )
         .route("/api/v1/jobs/{id}/cancel", post(api::cancel_job))
         .route("/api/v1/submit", post(api::submit))
         .with_state(app.clone());
@@ -76,6 +83,8 @@ pub async fn start(
     };
     let events = tokio::spawn(events::event_loop(app.clone()));
     let sched = tokio::spawn(scheduler::scheduler_loop(app.clone()));
+    let leases = tokio::spawn(scheduler::lease_loop(app.clone()));
+    let housekeeping = tokio::spawn(housekeeping_loop(app.clone()));
     let token = app.shutdown.clone();
     let served = axum::serve(listener, router(app.clone()))
         .with_graceful_shutdown(async move {
@@ -86,6 +95,8 @@ pub async fn start(
     app.shutdown.cancel();
     let _ = events.await;
     let _ = sched.await;
+    let _ = leases.await;
+    let _ = housekeeping.await;
     if let Some(t) = agents_tcp {
         let _ = t.await;
     }
@@ -98,4 +109,35 @@ pub async fn start(
         r.flush(std::time::Duration::from_secs(5)).await;
     }
     served
+}
+
+/// Cache housekeeping: PR layers of PRs that went quiet expire after a week (closed PRs
+/// lose theirs at once), and stored objects nothing links to any more are removed.
+async fn housekeeping_loop(app: Arc<App>) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+    const PR_LAYER_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        let caches = app.caches.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            match caches.expire_pr_layers(PR_LAYER_AGE) {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!(layers = gone.len(), "expired pr cache layers")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "expiring pr cache layers"),
+            }
+            match caches.gc_objects() {
+                Ok(r) if r.files > 0 => {
+                    tracing::info!(files = r.files, bytes = r.bytes, "cache objects removed")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cache object gc"),
+            }
+        })
+        .await;
+    }
 }

@@ -16,13 +16,18 @@ pub struct RecoveryReport {
 /// that exists is a leftover and every provisioning/running job was interrupted.
 pub async fn recover(app: &Arc<App>) -> Result<RecoveryReport, slate_store::StoreError> {
     let mut report = RecoveryReport::default();
-    let mut names: BTreeSet<String> = app
-        .store
-        .list_workers()
-        .await?
-        .into_iter()
-        .map(|w| w.name)
-        .collect();
+    // With replicas, the store's worker records are everyone's: only what this host's
+    // providers list is ours to destroy (and other replicas' jobs keep their leases).
+    let mut names: BTreeSet<String> = if app.replicated {
+        BTreeSet::new()
+    } else {
+        app.store
+            .list_workers()
+            .await?
+            .into_iter()
+            .map(|w| w.name)
+            .collect()
+    };
     let mut providers: Vec<Arc<dyn slate_provider::Provider>> = Vec::new();
     for p in app.providers.values() {
         if !providers.iter().any(|q| Arc::ptr_eq(q, p)) {
@@ -67,6 +72,10 @@ pub async fn recover(app: &Arc<App>) -> Result<RecoveryReport, slate_store::Stor
     .unwrap_or_default();
     for n in leftovers {
         tracing::info!(worker = %n, "removed leftover cache overlays");
+    }
+    if app.replicated {
+        // This replica's interrupted jobs come back through lease expiry.
+        return Ok(report);
     }
     for job in app
         .store

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 /// How a job ended, as the runner saw it.
 #[derive(Debug, Clone)]
-struct Outcome {
+pub(crate) struct Outcome {
     state: JobState,
     reason: String,
     /// The worker failed, not the build: worth another attempt on a fresh worker.
@@ -27,14 +27,14 @@ struct Outcome {
 }
 
 impl Outcome {
-    fn new(state: JobState, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(state: JobState, reason: impl Into<String>) -> Self {
         Self {
             state,
             reason: reason.into(),
             infra: false,
         }
     }
-    fn error(reason: impl Into<String>) -> Self {
+    pub(crate) fn error(reason: impl Into<String>) -> Self {
         Self::new(JobState::Error, reason)
     }
     fn infra(reason: impl Into<String>) -> Self {
@@ -85,6 +85,7 @@ pub async fn run_job(app: Arc<App>, job: Job, cancel: CancellationToken) {
                     started.elapsed().as_secs_f64()
                 ))
                 .await;
+            crate::artifacts::collect_for_job(&app, &job, &mut log).await;
             cleanup(&app, &name, Some(&job.pool)).await;
             harvest_caches(&app, &job, Some(&mut log)).await;
             if let Err(e) = log.finish().await {
@@ -100,6 +101,7 @@ pub async fn run_job(app: Arc<App>, job: Job, cancel: CancellationToken) {
     };
     app.logs.release(id);
     app.running.lock().unwrap().remove(&id);
+    app.images_in_use.lock().unwrap().remove(&id);
 
     let finished_state = if app.shutdown.is_cancelled() && !outcome.state.is_terminal() {
         None
@@ -189,6 +191,21 @@ fn human(d: Duration) -> String {
     }
 }
 
+/// Whether `job` is one of its build's planning jobs (the pipeline has a plan step).
+fn is_planning(job: &Job, pipeline: &PipelineConfig) -> bool {
+    pipeline.plan.is_some() && job.target.as_deref() == Some(slate_core::PLAN_TARGET)
+}
+
+/// The pipeline as this job runs it: for a planning job, the plan step is its only step.
+fn job_pipeline(mut pipeline: PipelineConfig, job: &Job) -> PipelineConfig {
+    if is_planning(job, &pipeline) {
+        if let Some(plan) = &pipeline.plan {
+            pipeline.steps = vec![plan.as_step()];
+        }
+    }
+    pipeline
+}
+
 /// The steps that run for this build's event, with their index in the pipeline.
 fn job_spec(
     app: &App,
@@ -222,6 +239,17 @@ fn job_spec(
     if let Trigger::PullRequest { number, .. } = &build.change.trigger {
         env.insert("SLATE_PR".into(), number.to_string());
     }
+    if let Some(t) = &job.target {
+        env.insert("SLATE_TARGET".into(), t.clone());
+    }
+    if is_planning(job, pipeline) {
+        let targets = job.vars.get("targets").cloned().unwrap_or_default();
+        env.insert("SLATE_PORTS".into(), targets.clone());
+        env.insert("SLATE_TARGETS".into(), targets);
+    }
+    for (k, v) in &job.vars {
+        env.insert(format!("SLATE_VAR_{}", k.to_ascii_uppercase()), v.clone());
+    }
     env.extend(pipeline.env.clone());
     let mut steps = Vec::new();
     let mut map = Vec::new();
@@ -232,7 +260,7 @@ fn job_spec(
         map.push(i);
         steps.push(StepSpec {
             name: s.name.clone(),
-            run: s.run.clone(),
+            run: slate_core::planner::substitute(&s.run, &job.vars),
             timeout_ms: s.timeout.map(|d| d.as_millis() as u64),
             allow_failure: s.allow_failure,
             env: s.env.clone(),
@@ -319,6 +347,11 @@ async fn run(
         return Outcome::error(format!("recording worker: {e}"));
     }
 
+    if let Some(repo) = app.config.repo(&build.change.repo) {
+        if let Err(e) = app.git.ensure_checkout(repo, &build).await {
+            return Outcome::error(format!("fetching {checkout}: {e}"));
+        }
+    }
     let src = app.sources_dir.join(&name);
     let _ = tokio::fs::remove_dir_all(&src).await;
     if let Err(e) = app.git.export(&build.change.repo, &checkout, &src).await {
@@ -376,10 +409,19 @@ async fn run(
             Err(e) => return Outcome::error(format!("preparing caches: {e}")),
         }
     }
+    // A named image resolves to its newest version now, and the job keeps that version.
+    let image = match resolve_image(app, &pool) {
+        Ok(i) => i,
+        Err(e) => return Outcome::error(e),
+    };
+    if image != pool.image {
+        let _ = log.note(&format!("image {}", image.display())).await;
+        app.images_in_use.lock().unwrap().insert(id, image.clone());
+    }
     let spec = WorkerSpec {
         job_id: id,
         pool: job.pool.clone(),
-        image: pool.image.clone(),
+        image,
         source: Some(src.clone()),
         agent_binary: app.agent_binary.clone(),
         agent_socket: sock_path.clone(),
@@ -467,6 +509,10 @@ async fn run(
         app.report(&build, &j, &format!("running on {}", job.pool));
     }
 
+    // A planning job runs the plan step alone, and keeps its stdout.
+    let planning = is_planning(job, &pipeline);
+    let pipeline = job_pipeline(pipeline, job);
+    let plan_output = std::sync::Mutex::new(Vec::new());
     let (spec, step_map) = job_spec(app, &build, job, &pipeline);
     // Steps that do not run for this event are recorded as skipped, so users see why.
     for (i, s) in pipeline.steps.iter().enumerate() {
@@ -506,8 +552,14 @@ async fn run(
         spec: &spec,
         cancel,
         deadline,
+        plan_output: planning.then_some(&plan_output),
     };
-    converse(&ctx, log, link, &mut links, exited).await
+    let outcome = converse(&ctx, log, link, &mut links, exited).await;
+    if planning && outcome.state == JobState::Succeeded {
+        let out = plan_output.into_inner().unwrap_or_default();
+        return crate::dynamic::add_planned_jobs(app, &build, job, &out, log).await;
+    }
+    outcome
 }
 
 fn cancelled_outcome(app: &App) -> Outcome {
@@ -525,6 +577,8 @@ struct Conversation<'a> {
     pipeline: &'a PipelineConfig,
     pool: &'a PoolConfig,
     step_map: &'a [usize],
+    /// A planning job's plan step stdout goes here (capped).
+    plan_output: Option<&'a std::sync::Mutex<Vec<u8>>>,
     spec: &'a JobSpec,
     cancel: &'a CancellationToken,
     deadline: tokio::time::Instant,
@@ -571,8 +625,15 @@ async fn converse(
             msg = read_frame::<_, AgentMsg>(&mut link.rd) => {
               last_heard = tokio::time::Instant::now();
               match msg {
-                Ok(AgentMsg::Output { seq, data, .. }) => {
+                Ok(AgentMsg::Output { seq, data, stream, .. }) => {
                     if seq == last_seq + 1 {
+                        if let (Some(buf), slate_proto::Stream::Stdout) = (ctx.plan_output, stream) {
+                            let mut buf = buf.lock().unwrap();
+                            if buf.len() + data.len() > crate::dynamic::MAX_PLAN_OUTPUT {
+                                return Outcome::new(JobState::Failed, format!("plan output exceeds {} bytes", crate::dynamic::MAX_PLAN_OUTPUT));
+                            }
+                            buf.extend_from_slice(&data);
+                        }
                         if let Err(e) = log.append(&data).await {
                             return Outcome::error(format!("writing the log: {e}"));
                         }
@@ -590,7 +651,8 @@ async fn converse(
                         return Outcome::error(format!("agent started unknown step {step}"));
                     };
                     let s = &pipeline.steps[pi];
-                    let _ = log.note(&format!("step {}: {}", s.name, s.run)).await;
+                    let run = ctx.spec.steps.get(step as usize).map_or(s.run.as_str(), |x| x.run.as_str());
+                    let _ = log.note(&format!("step {}: {}", s.name, run)).await;
                     let now = Utc::now();
                     step_started.insert(step, now);
                     let _ = app.store.upsert_step(&StepRecord {
@@ -862,4 +924,16 @@ async fn harvest_caches(app: &Arc<App>, job: &Job, log: Option<&mut LogWriter>) 
     if let Some(log) = log {
         let _ = log.note(&note).await;
     }
+}
+
+/// The root filesystem a sandbox pool's job starts on: the pool's directory, or the
+/// newest version of the named image built by `slate image build`.
+fn resolve_image(app: &App, pool: &PoolConfig) -> Result<std::path::PathBuf, String> {
+    let name = pool.image.to_string_lossy();
+    if pool.provider != slate_core::config::ProviderKind::Sandbox || name.contains('/') {
+        return Ok(pool.image.clone());
+    }
+    slate_image::resolve(&app.data_dir.join("images"), &name)
+        .map(|r| r.rootfs)
+        .map_err(|e| format!("image {name}: {e}"))
 }

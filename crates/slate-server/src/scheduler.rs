@@ -5,6 +5,38 @@ use crate::runner;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Keep this replica's leases alive, and take over the jobs of replicas whose leases ran
+/// out: they are requeued for a fresh worker (their machines are the dead replica's to
+/// clean when it comes back).
+pub async fn lease_loop(app: Arc<App>) {
+    let lease = app.config.server.lease;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(lease / 4) => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        if let Err(e) = app.store.renew_leases(&app.replica_id, lease).await {
+            tracing::error!(error = %e, "renewing job leases");
+        }
+        match app.store.expired_leases(&app.replica_id, lease).await {
+            Ok(jobs) => {
+                for job in jobs {
+                    tracing::warn!(job.id = job.id.0, "taking over a job whose replica stopped");
+                    match app
+                        .store
+                        .requeue_job(job.id, "its server replica stopped")
+                        .await
+                    {
+                        Ok(_) => app.wake_scheduler.notify_one(),
+                        Err(e) => tracing::error!(job.id = job.id.0, error = %e, "requeueing"),
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reading expired leases"),
+        }
+    }
+}
+
 pub async fn scheduler_loop(app: Arc<App>) {
     loop {
         let notified = app.wake_scheduler.notified();
@@ -13,7 +45,16 @@ pub async fn scheduler_loop(app: Arc<App>) {
             let _planning = app.planning.lock().await;
             for pool in &app.config.pools {
                 loop {
-                    match app.store.claim_next_job(&pool.name, pool.max_jobs).await {
+                    let claimed = app
+                        .store
+                        .claim_next_job_for(
+                            &pool.name,
+                            pool.max_jobs,
+                            &app.replica_id,
+                            app.config.server.lease,
+                        )
+                        .await;
+                    match claimed {
                         Ok(Some(job)) => {
                             tracing::debug!(job.id = job.id.0, pool = %pool.name, "job claimed");
                             let token = app.shutdown.child_token();

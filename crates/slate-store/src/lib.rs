@@ -7,6 +7,7 @@ mod sqlite;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,8 +60,45 @@ pub struct NewBuild {
     pub pipeline: String,
     /// The event that caused it, if any.
     pub event_id: Option<i64>,
-    /// One job per pool, in order.
-    pub pools: Vec<String>,
+    /// Its jobs, queued in this order.
+    pub jobs: Vec<NewJob>,
+}
+
+/// A job to create: a pool, and optionally a target with its variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    pub pool: String,
+    pub target: Option<String>,
+    pub vars: BTreeMap<String, String>,
+}
+
+impl NewJob {
+    /// A plain job of `pool`: no target, no variables.
+    pub fn pool(pool: impl Into<String>) -> Self {
+        NewJob {
+            pool: pool.into(),
+            target: None,
+            vars: BTreeMap::new(),
+        }
+    }
+
+    /// A job of `pool` building `target` with `vars`.
+    pub fn target(
+        pool: impl Into<String>,
+        target: impl Into<String>,
+        vars: BTreeMap<String, String>,
+    ) -> Self {
+        NewJob {
+            pool: pool.into(),
+            target: Some(target.into()),
+            vars,
+        }
+    }
+
+    /// The variables as stored (a JSON object).
+    fn vars_json(&self) -> String {
+        serde_json::to_string(&self.vars).expect("a string map serializes")
+    }
 }
 
 /// A worker resource recorded before the provider creates it (so a crash cannot hide it).
@@ -113,6 +151,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Create a build and its queued jobs atomically.
     async fn create_build(&self, build: NewBuild) -> Result<(BuildId, Vec<JobId>)>;
+    /// Queue more jobs in an existing build (dynamic jobs, made after planning), in order,
+    /// atomically. `NotFound` if the build does not exist.
+    async fn add_jobs(&self, build: BuildId, jobs: Vec<NewJob>) -> Result<Vec<JobId>>;
     async fn set_build_checkout(&self, id: BuildId, sha: &str) -> Result<()>;
     async fn get_build(&self, id: BuildId) -> Result<Build>;
     async fn list_builds(&self, filter: &BuildFilter) -> Result<Vec<Build>>;
@@ -245,6 +286,14 @@ pub trait Store: Send + Sync + 'static {
     async fn expired_leases(&self, owner: &str, lease: Duration) -> Result<Vec<Job>> {
         let _ = (owner, lease);
         Ok(Vec::new())
+    }
+
+    /// Claim an unprocessed event for `owner` for `lease`, so that of several replicas
+    /// only one handles it; an expired claim (its replica died) can be taken again. The
+    /// default (one server per store) always succeeds.
+    async fn claim_event(&self, id: i64, owner: &str, lease: Duration) -> Result<bool> {
+        let _ = (id, owner, lease);
+        Ok(true)
     }
 
     /// Wait until there may be work for the scheduler (a job enqueued or a slot freed,

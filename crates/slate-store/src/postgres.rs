@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::{
-    ApiToken, BuildFilter, InsertOutcome, NewBuild, Result, Store, StoreError, StoredEvent,
+    ApiToken, BuildFilter, InsertOutcome, NewBuild, NewJob, Result, Store, StoreError, StoredEvent,
     WorkerRecord,
 };
 use rows::{BUILD_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, STEP_COLUMNS, WORKER_COLUMNS};
@@ -252,6 +252,36 @@ async fn notify_pool(conn: &mut PgConnection, pool: &str) -> Result<()> {
     Ok(())
 }
 
+/// Queue `jobs` of build `build_id`, in order, inside the caller's transaction, and wake
+/// the schedulers of their pools (delivered at commit).
+async fn insert_jobs(
+    conn: &mut PgConnection,
+    build_id: i64,
+    jobs: &[NewJob],
+) -> Result<Vec<JobId>> {
+    let mut ids = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO jobs (build_id, pool, target, vars, state, attempt, created_at, \
+             queued_at) VALUES ($1, $2, $3, $4, 'queued', 1, now(), now()) RETURNING id",
+        )
+        .bind(build_id)
+        .bind(&job.pool)
+        .bind(&job.target)
+        .bind(job.vars_json())
+        .fetch_one(&mut *conn)
+        .await?;
+        ids.push(JobId(id));
+    }
+    let mut pools: Vec<&String> = jobs.iter().map(|j| &j.pool).collect();
+    pools.sort();
+    pools.dedup();
+    for pool in pools {
+        notify_pool(&mut *conn, pool).await?;
+    }
+    Ok(ids)
+}
+
 fn not_found_job(id: JobId) -> StoreError {
     StoreError::NotFound(format!("job {id}"))
 }
@@ -359,26 +389,23 @@ impl Store for PgStore {
         .bind(build.event_id)
         .fetch_one(&mut *tx)
         .await?;
-        let mut jobs = Vec::with_capacity(build.pools.len());
-        for pool in &build.pools {
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO jobs (build_id, pool, state, attempt, created_at, queued_at) \
-                 VALUES ($1, $2, 'queued', 1, now(), now()) RETURNING id",
-            )
-            .bind(build_id)
-            .bind(pool)
-            .fetch_one(&mut *tx)
-            .await?;
-            jobs.push(JobId(id));
-        }
-        let mut pools: Vec<&String> = build.pools.iter().collect();
-        pools.sort();
-        pools.dedup();
-        for pool in pools {
-            notify_pool(&mut tx, pool).await?;
-        }
+        let jobs = insert_jobs(&mut tx, build_id, &build.jobs).await?;
         tx.commit().await?;
         Ok((BuildId(build_id), jobs))
+    }
+
+    async fn add_jobs(&self, build: BuildId, jobs: Vec<NewJob>) -> Result<Vec<JobId>> {
+        let mut tx = self.pool.begin().await?;
+        let found: Option<i64> = sqlx::query_scalar("SELECT id FROM builds WHERE id = $1")
+            .bind(build.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if found.is_none() {
+            return Err(StoreError::NotFound(format!("build {build}")));
+        }
+        let ids = insert_jobs(&mut tx, build.0, &jobs).await?;
+        tx.commit().await?;
+        Ok(ids)
     }
 
     async fn set_build_checkout(&self, id: BuildId, sha: &str) -> Result<()> {
@@ -737,6 +764,20 @@ impl Store for PgStore {
         // RETURNING has no order; callers handle the oldest first, as everywhere else.
         jobs.sort_by_key(|j| (j.created_at, j.id));
         Ok(jobs)
+    }
+
+    async fn claim_event(&self, id: i64, owner: &str, lease: Duration) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE events SET claimed_by = $2, claimed_until = now() + $3::interval \
+             WHERE id = $1 AND processed_at IS NULL \
+             AND (claimed_until IS NULL OR claimed_until < now() OR claimed_by = $2)",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(lease)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn wait_for_work(&self, timeout: Duration) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use slate_core::{Change, JobId, JobState, Trigger};
-use slate_store::{open_store, NewBuild, PgStore, Store, StoreError};
+use slate_store::{open_store, NewBuild, NewJob, PgStore, Store, StoreError};
 use sqlx::{Connection, PgConnection};
 
 const DEFAULT_ADMIN_URL: &str = "postgres://slate:slate@127.0.0.1:5432/postgres";
@@ -157,7 +157,7 @@ fn build_of(n: u64, pools: &[&str]) -> NewBuild {
         change: change(n),
         pipeline: "default".to_owned(),
         event_id: None,
-        pools: pools.iter().map(|p| (*p).to_owned()).collect(),
+        jobs: pools.iter().map(|p| NewJob::pool(*p)).collect(),
     }
 }
 
@@ -502,4 +502,33 @@ async fn pg_expired_leases_hand_a_dead_owners_jobs_to_one_replica() {
         .unwrap());
     tokio::time::sleep(short + Duration::from_millis(200)).await;
     assert!(c.expired_leases("c", long).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn pg_an_event_is_claimed_by_one_replica_until_its_claim_expires() {
+    let db = Pg::new().await;
+    let a = db.store().await;
+    let b = db.store().await;
+    let id = match a
+        .insert_event("github", "d-1", "push", b"{}")
+        .await
+        .unwrap()
+    {
+        slate_store::InsertOutcome::Inserted(id) => id,
+        other => panic!("{other:?}"),
+    };
+    let short = Duration::from_millis(300);
+    assert!(a.claim_event(id, "a", short).await.unwrap());
+    assert!(
+        !b.claim_event(id, "b", short).await.unwrap(),
+        "claimed twice"
+    );
+    // `a` died without marking it processed: after the lease, `b` takes it over.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(b.claim_event(id, "b", short).await.unwrap());
+    b.mark_event_processed(id, None).await.unwrap();
+    assert!(
+        !a.claim_event(id, "a", short).await.unwrap(),
+        "a processed event was claimed"
+    );
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use slate_core::{JobId, JobState};
-use slate_store::{NewBuild, SqliteStore, Store, StoreError};
+use slate_store::{NewBuild, NewJob, SqliteStore, Store, StoreError};
 use tempfile::TempDir;
 
 /// A database file in a temporary directory, removed with it.
@@ -80,7 +80,7 @@ async fn one_job(store: &SqliteStore, pools: &[&str]) -> Vec<JobId> {
         change,
         pipeline: "default".to_owned(),
         event_id: None,
-        pools: pools.iter().map(|p| (*p).to_owned()).collect(),
+        jobs: pools.iter().map(|p| NewJob::pool(*p)).collect(),
     };
     store.create_build(build).await.unwrap().1
 }

@@ -1,11 +1,11 @@
-//! Leak checks for sandbox workers: mounts, cgroups, runc containers, processes, directories.
+//! Leak checks for sandbox workers: mounts, loop devices, cgroups, runc containers, processes, directories.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Describes everything a sandbox provider rooted at `root` left behind: mounts under
-/// `root`, cgroups `/sys/fs/cgroup/*/<cgroup_scope(root)>/slate-*`, containers in `<root>/.runc`,
+/// `root`, loop devices (`losetup -a`) backed by a file under `root`, cgroups `/sys/fs/cgroup/*/<cgroup_scope(root)>/slate-*`, containers in `<root>/.runc`,
 /// processes in such a cgroup or whose command line mentions `root`, and
 /// `slate-*` entries in `root`. Empty means clean.
 ///
@@ -31,6 +31,12 @@ fn leaks(root: &Path, names: Option<&[String]>) -> Vec<String> {
     for mount_point in mount_points() {
         if roots.iter().any(|r| mount_point.starts_with(r)) {
             out.push(format!("mount at {}", mount_point.display()));
+        }
+    }
+
+    for (device, backing) in loop_devices() {
+        if roots.iter().any(|r| backing.starts_with(r)) {
+            out.push(format!("loop device {device} on {}", backing.display()));
         }
     }
 
@@ -117,6 +123,39 @@ fn leaks(root: &Path, names: Option<&[String]>) -> Vec<String> {
         }
     }
     out
+}
+
+/// Attached loop devices and their backing files, as `losetup -a` reports them
+/// (`/dev/loop0: [2049]:1234 (/path/to/file)`); sysfs when losetup is missing.
+pub fn loop_devices() -> Vec<(String, PathBuf)> {
+    if let Ok(o) = Command::new("losetup").arg("-a").output() {
+        if o.status.success() {
+            return String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let (dev, rest) = l.split_once(':')?;
+                    let open = rest.find('(')?;
+                    let close = rest.rfind(')')?;
+                    let file = rest.get(open + 1..close)?;
+                    let file = file.strip_suffix(" (deleted)").unwrap_or(file);
+                    Some((dev.to_string(), PathBuf::from(file)))
+                })
+                .collect();
+        }
+    }
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let backing = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            Some((
+                format!("/dev/{}", e.file_name().to_string_lossy()),
+                PathBuf::from(backing.trim_end()),
+            ))
+        })
+        .collect()
 }
 
 /// `root` as given and canonicalized: mountinfo shows resolved paths.

@@ -15,7 +15,10 @@
 //!    virtio_blk, virtio_console, ext4 (+crc32c), 9p/9pnet_virtio, overlay, qemu_fw_cfg in
 //!    dependency order (from modules.dep), mounts `/dev/vda` and `switch_root`s into it.
 //! 2. disk `/sbin/init` ([`GUEST_INIT`]): mounts /run, mounts the 9p share `workspace`
-//!    read-only under an overlay with a tmpfs upper at `/workspace`, reads the job token
+//!    read-only under an overlay with a tmpfs upper at `/workspace`, mounts the shared
+//!    caches listed in fw_cfg `opt/slate/mounts` (`<9p tag> <target> ro|rw` lines, in
+//!    order, after the workspace so a target inside it lands on top; a cache that cannot
+//!    be mounted powers the VM off), reads the job token
 //!    from fw_cfg `opt/slate/token` then unloads qemu_fw_cfg (steps cannot read it again),
 //!    finds the virtio-serial port named `org.slate.agent` and runs
 //!    `slate-agent --connect /dev/vportNpM` with `SLATE_AGENT_TOKEN`; when the agent
@@ -96,6 +99,24 @@ mkdir -p /run/ws/lower /run/ws/upper /run/ws/work /workspace
 if mount -t 9p -o trans=virtio,version=9p2000.L,ro workspace /run/ws/lower 2>/dev/null; then
   mount -t overlay overlay -o lowerdir=/run/ws/lower,upperdir=/run/ws/upper,workdir=/run/ws/work /workspace \
     || echo "slate-vm: cannot mount the workspace overlay"
+fi
+# Shared caches: "<9p tag> <target> ro|rw" lines. Missing caches would make a job's writes
+# vanish silently, so a cache that cannot be mounted stops the VM.
+mntfile=/sys/firmware/qemu_fw_cfg/by_name/opt/slate/mounts/raw
+if [ -r $mntfile ]; then
+  while read -r tag target mode; do
+    [ -n "$tag" ] || continue
+    case "$mode" in
+      ro) opts=trans=virtio,version=9p2000.L,ro ;;
+      rw) opts=trans=virtio,version=9p2000.L ;;
+      *) echo "slate-vm: bad mode '$mode' for cache $tag"; poweroff -f ;;
+    esac
+    if mkdir -p "$target" && mount -t 9p -o "$opts" "$tag" "$target"; then
+      echo "slate-vm: cache $tag at $target ($mode)"
+    else
+      echo "slate-vm: cannot mount cache $tag at $target"; poweroff -f
+    fi
+  done < $mntfile
 fi
 tokfile=/sys/firmware/qemu_fw_cfg/by_name/opt/slate/token/raw
 [ -r $tokfile ] || { echo "slate-vm: no token in fw_cfg"; poweroff -f; }

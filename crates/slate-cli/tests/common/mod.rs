@@ -57,8 +57,12 @@ pub struct Options {
     /// Extra lines in the `[[pool]]` table (may open `[[pool.cache]]` tables).
     pub pool_extra: String,
     pub provider: String,
+    /// Extra lines in `[server]` (database, replica_id…).
+    pub server_extra: String,
     /// The pool's image; the shared busybox rootfs when `None`.
     pub image: Option<PathBuf>,
+    /// Lines after the pipeline's `steps` (may open `[pipeline.plan]`).
+    pub pipeline_tail: String,
 }
 
 impl Default for Options {
@@ -75,7 +79,9 @@ impl Default for Options {
             repo_extra: r#"branches = ["main"]"#.into(),
             pool_extra: String::new(),
             provider: "sandbox".into(),
+            server_extra: String::new(),
             image: None,
+            pipeline_tail: String::new(),
         }
     }
 }
@@ -100,6 +106,11 @@ pub fn slate_bin() -> PathBuf {
 
 impl Slate {
     pub fn start(opts: Options) -> Slate {
+        Self::start_with(opts, |_| {})
+    }
+
+    /// Like [`Slate::start`], running `before` with the data dir before the server starts.
+    pub fn start_with(opts: Options, before: impl FnOnce(&Path)) -> Slate {
         let dir = tempfile::Builder::new()
             .prefix("slate-e2e-")
             .tempdir()
@@ -136,6 +147,7 @@ impl Slate {
 listen = "127.0.0.1:0"
 data_dir = "{data}"
 agent_binary = "{agent}"
+{server_extra}
 
 [github]
 api_url = "{api}"
@@ -161,6 +173,7 @@ name = "default"
 pools = ["busybox"]
 {extra}
 steps = [{steps}]
+{pipeline_tail}
 "#,
             data = data.display(),
             agent = slate_testkit::agent_bin::static_agent().display(),
@@ -171,11 +184,13 @@ steps = [{steps}]
             repo_extra = opts.repo_extra,
             image = opts.image.as_deref().unwrap_or(image()).display(),
             provider = opts.provider,
+            server_extra = opts.server_extra,
             max_jobs = opts.max_jobs,
             limits = opts.pool_limits,
             pool_extra = opts.pool_extra,
             extra = opts.extra_pipeline,
             steps = opts.steps,
+            pipeline_tail = opts.pipeline_tail,
         );
         std::fs::write(&config, text).unwrap();
         let mut s = Slate {
@@ -193,6 +208,7 @@ steps = [{steps}]
                 .build()
                 .unwrap(),
         };
+        before(&s.data);
         s.spawn();
         let out = Command::new(slate_bin())
             .args(["token", "create", "e2e", "--config"])
@@ -519,6 +535,20 @@ steps = [{steps}]
             .env("SLATE_TOKEN", &self.token)
             .output()
             .unwrap()
+    }
+
+    /// Assert nothing of slate's is left on the host; a job's cleanup runs just after its
+    /// state turns terminal (a cancel is recorded first), so allow it a moment.
+    pub fn assert_no_leaks(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let leaks = self.leaks();
+            if leaks.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "leaked: {leaks:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Stop, then assert nothing of slate's is left on the host.

@@ -233,6 +233,7 @@ mod tests {
             pids: Some(100),
             cpus: Some(1.5),
             timeout: Duration::from_secs(60),
+            disk_bytes: None,
         });
         assert_eq!(v["process"]["args"][0], AGENT_PATH);
         assert_eq!(v["process"]["env"][0], "SLATE_AGENT_TOKEN=tok");
@@ -287,6 +288,7 @@ mod tests {
             pids: None,
             cpus: None,
             timeout: Duration::from_secs(60),
+            disk_bytes: None,
         });
         let r = &v["linux"]["resources"];
         assert!(r.get("memory").is_none() && r.get("pids").is_none() && r.get("cpu").is_none());

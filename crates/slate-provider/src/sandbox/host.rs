@@ -1,4 +1,4 @@
-//! Host-side side effects of the sandbox: overlay mounts, mountinfo, cgroup cleanup, process scans, safe removal.
+//! Host-side side effects of the sandbox: overlay mounts, per-job disks, mountinfo, cgroup cleanup, process scans, safe removal.
 
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -32,6 +32,95 @@ pub fn mount_overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> 
         Some(data.as_str()),
     )
     .map_err(io::Error::from)
+}
+
+/// Makes `image` a sparse file of `bytes`, formats it ext4 and loop-mounts it at
+/// `mount_point` (nosuid, nodev): the job's writable layers live there, so a job that
+/// fills them gets ENOSPC and the host's free space shrinks by at most `bytes`.
+///
+/// The loop device is attached with autoclear (`mount -o loop`), so unmounting detaches
+/// it; [`detach_loops_under`] catches one left attached by a crash in between.
+pub fn mount_disk(image: &Path, bytes: u64, mount_point: &Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(image)?;
+    f.set_len(bytes)?;
+    drop(f);
+    // No journal, lazy tables: formatting takes milliseconds and writes a few MiB at most;
+    // the disk lives only as long as the job, so a journal buys nothing.
+    run_tool(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-O", "^has_journal"])
+            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+            .arg(image),
+        "mkfs.ext4",
+    )?;
+    run_tool(
+        std::process::Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noatime"])
+            .arg(image)
+            .arg(mount_point),
+        "mount -o loop",
+    )
+}
+
+fn run_tool(cmd: &mut std::process::Command, what: &str) -> io::Result<()> {
+    let out = cmd.stdin(std::process::Stdio::null()).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Loop devices whose backing file is at or under `dir` (from sysfs), as `/dev/loopN`.
+pub fn loops_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter(|e| {
+            fs::read_to_string(e.path().join("loop/backing_file"))
+                .map(|b| Path::new(b.trim_end_matches('\n')).starts_with(dir))
+                .unwrap_or(false)
+        })
+        .map(|e| Path::new("/dev").join(e.file_name()))
+        .collect()
+}
+
+/// Detaches the loop devices backed by files under `dir` (after its mounts are gone, an
+/// attached one is a leftover: e.g. the server died between attaching and mounting).
+pub fn detach_loops_under(dir: &Path) -> io::Result<()> {
+    /// `LOOP_CLR_FD` from linux/loop.h.
+    const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+    for dev in loops_under(dir) {
+        let f = match fs::File::open(&dev) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: an ioctl without argument on a descriptor we own.
+        let rc = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD as _, 0) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: detached meanwhile.
+            if e.raw_os_error() != Some(libc::ENXIO) {
+                return Err(io::Error::other(format!("detach {}: {e}", dev.display())));
+            }
+        }
+        tracing::warn!(device = %dev.display(), dir = %dir.display(), "detached a leftover loop device");
+    }
+    Ok(())
 }
 
 /// Overlay options are split on `,` and lower dirs on `:`; a path holding either (or the

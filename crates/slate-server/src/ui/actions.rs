@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
 use slate_core::{BuildId, JobId, JobState};
-use slate_store::{NewBuild, StoreError};
+use slate_store::{NewBuild, NewJob, StoreError};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +73,31 @@ pub async fn rebuild(app: &Arc<App>, id: BuildId, who: &str) -> Result<BuildId, 
         .checkout_sha
         .clone()
         .ok_or(ActionError::NoCheckout(id))?;
-    let pools: Vec<String> = app
+    let mut jobs: Vec<NewJob> = app
         .store
         .jobs_of_build(id)
         .await?
         .into_iter()
-        .map(|j| j.pool)
-        .filter(|p| app.config.pool(p).is_some())
+        .filter(|j| app.config.pool(&j.pool).is_some())
+        .map(|j| NewJob {
+            pool: j.pool,
+            target: j.target,
+            vars: j.vars,
+        })
         .collect();
-    if pools.is_empty() {
+    // A build with planning jobs plans again: its dynamic jobs come from the new run.
+    let dynamic = app
+        .config
+        .pipeline(&old.pipeline)
+        .is_some_and(|p| p.plan.is_some());
+    if dynamic
+        && jobs
+            .iter()
+            .any(|j| j.target.as_deref() == Some(slate_core::PLAN_TARGET))
+    {
+        jobs.retain(|j| j.target.as_deref() == Some(slate_core::PLAN_TARGET));
+    }
+    if jobs.is_empty() {
         return Err(ActionError::NoPools(id));
     }
     // Held like the event loop does, so the scheduler never claims a job of this build
@@ -93,7 +109,7 @@ pub async fn rebuild(app: &Arc<App>, id: BuildId, who: &str) -> Result<BuildId, 
             change: old.change.clone(),
             pipeline: old.pipeline.clone(),
             event_id: None,
-            pools,
+            jobs,
         })
         .await?;
     app.store.set_build_checkout(new_id, &checkout).await?;

@@ -136,7 +136,7 @@ steps = [{{ name = "build", run = "make" }}, {{ name = "test", run = "make test"
                 },
                 pipeline: "default".into(),
                 event_id: None,
-                pools: vec!["busybox".into()],
+                jobs: vec![slate_store::NewJob::pool("busybox")],
             })
             .await
             .unwrap()

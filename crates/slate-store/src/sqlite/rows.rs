@@ -10,7 +10,8 @@ use crate::{Result, StoreError, StoredEvent, WorkerRecord};
 
 /// Columns selected for a job, in the order [`job`] reads them by name.
 pub(super) const JOB_COLUMNS: &str =
-    "id, build_id, pool, state, reason, attempt, created_at, started_at, finished_at";
+    "id, build_id, pool, target, vars, state, reason, attempt, created_at, started_at, \
+     finished_at";
 
 pub(super) const BUILD_COLUMNS: &str = "id, repo, trigger_json, head_sha, head_ref, base_sha, \
      base_ref, author, pipeline, checkout_sha, created_at";
@@ -73,6 +74,14 @@ pub(super) fn job(row: &SqliteRow) -> Result<Job> {
         id: JobId(get(row, T, "id")?),
         build_id: BuildId(get(row, T, "build_id")?),
         pool: get(row, T, "pool")?,
+        target: get(row, T, "target")?,
+        vars: {
+            let v: Option<String> = get(row, T, "vars")?;
+            match v {
+                None => Default::default(),
+                Some(v) => serde_json::from_str(&v).map_err(|e| corrupt(T, "vars", e))?,
+            }
+        },
         state: JobState::parse(&state)
             .ok_or_else(|| corrupt(T, "state", format!("unknown state {state:?}")))?,
         reason: get(row, T, "reason")?,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use slate_core::{BuildId, Change, JobId, JobState, StepRecord, Trigger};
-use slate_store::{BuildFilter, InsertOutcome, NewBuild, Store, StoreError, WorkerRecord};
+use slate_store::{BuildFilter, InsertOutcome, NewBuild, NewJob, Store, StoreError, WorkerRecord};
 
 /// A database under test. Every `open` opens the same database, so a chapter can drop
 /// the store and open it again.
@@ -25,6 +25,7 @@ macro_rules! store_suite {
             events_are_idempotent,
             events_are_processed_once_marked,
             create_build_queues_one_job_per_pool,
+            jobs_keep_targets_and_vars_and_are_added_in_order,
             list_builds_filters_newest_first_and_pages,
             claims_are_fifo_and_bounded_per_pool,
             requeue_increments_attempt_and_keeps_fifo_place,
@@ -106,7 +107,7 @@ fn new_build(change: Change, pools: &[&str]) -> NewBuild {
         change,
         pipeline: "default".to_owned(),
         event_id: None,
-        pools: pools.iter().map(|p| (*p).to_owned()).collect(),
+        jobs: pools.iter().map(|p| NewJob::pool(*p)).collect(),
     }
 }
 
@@ -263,6 +264,68 @@ pub async fn create_build_queues_one_job_per_pool(store: &dyn Store) {
     ));
     assert!(matches!(
         store.get_job(JobId(jobs[1].0 + 1000)).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub async fn jobs_keep_targets_and_vars_and_are_added_in_order(store: &dyn Store) {
+    let vars = |port: &str| {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("port".to_owned(), port.to_owned());
+        m
+    };
+    let (build, first) = store
+        .create_build(NewBuild {
+            jobs: vec![
+                NewJob::target("mac", "libfoo", vars("libfoo")),
+                NewJob::pool("linux"),
+                NewJob::target("mac", "plan", Default::default()),
+            ],
+            ..new_build(pr_change("r/r", 1, "h"), &[])
+        })
+        .await
+        .unwrap();
+    let jobs = store.jobs_of_build(build).await.unwrap();
+    assert_eq!(ids(&jobs), first);
+    assert_eq!(jobs[0].target.as_deref(), Some("libfoo"));
+    assert_eq!(jobs[0].vars, vars("libfoo"));
+    assert_eq!(jobs[0].context(), "slate/mac/libfoo");
+    assert_eq!((jobs[1].target.as_deref(), jobs[1].vars.len()), (None, 0));
+    assert_eq!(jobs[1].context(), "slate/linux");
+    assert_eq!(jobs[2].target.as_deref(), Some("plan"));
+
+    // Dynamic jobs: queued after the build's own, in the order given.
+    let added = store
+        .add_jobs(
+            build,
+            vec![
+                NewJob::target("mac", "py312-bar", vars("py312-bar")),
+                NewJob::target("mac", "py313-bar", vars("py313-bar")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(added.len(), 2);
+    let jobs = store.jobs_of_build(build).await.unwrap();
+    assert_eq!(jobs.len(), 5);
+    assert_eq!(ids(&jobs[3..]), added);
+    let got = store.get_job(added[1]).await.unwrap();
+    assert_eq!(got.target.as_deref(), Some("py313-bar"));
+    assert_eq!(got.vars, vars("py313-bar"));
+    assert_eq!(got.state, JobState::Queued);
+    assert_eq!(got.attempt, 1);
+    // FIFO within the pool: the build's first mac job, its planning job, then the added ones.
+    let mut order = Vec::new();
+    while let Some(j) = store.claim_next_job("mac", 10).await.unwrap() {
+        order.push(j.target.unwrap());
+    }
+    assert_eq!(order, ["libfoo", "plan", "py312-bar", "py313-bar"]);
+
+    assert!(store.add_jobs(build, Vec::new()).await.unwrap().is_empty());
+    assert!(matches!(
+        store
+            .add_jobs(BuildId(build.0 + 1000), vec![NewJob::pool("mac")])
+            .await,
         Err(StoreError::NotFound(_))
     ));
 }
