@@ -507,3 +507,38 @@ fn a_worker_that_fails_is_retried_on_a_fresh_one_then_errors() {
     s.assert_no_leaks();
     s.shutdown_clean();
 }
+
+#[test]
+fn sigterm_lets_running_jobs_finish_then_stops() {
+    let mut s = Slate::start(Options {
+        steps: r#"{ name = "work", run = "sleep 2; echo finished-in-time" },"#.into(),
+        shutdown_grace: "60s".into(),
+        max_jobs: 1,
+        ..Default::default()
+    });
+    let (b1, h1) = s.make_pr(1, "one", "1.txt", "1\n");
+    let (b2, h2) = s.make_pr(2, "two", "2.txt", "2\n");
+    s.webhook(
+        "pull_request",
+        "d-1",
+        &s.pr_event("opened", 1, "one", &h1, &b1),
+    );
+    s.wait_state(1, "running");
+    s.webhook(
+        "pull_request",
+        "d-2",
+        &s.pr_event("opened", 2, "two", &h2, &b2),
+    );
+    s.wait_state(2, "queued");
+    // SIGTERM: job 1 finishes within the grace period; job 2 is not started.
+    s.stop();
+    s.spawn();
+    let j1 = s.job(1);
+    assert_eq!(j1["state"], "succeeded", "{j1:#}");
+    assert_eq!(j1["attempt"], 1, "the running job was not interrupted");
+    assert!(s.log(1).contains("finished-in-time"));
+    // The next start carries on with what was queued.
+    assert_eq!(s.wait_terminal(2)["state"], "succeeded");
+    s.assert_no_leaks();
+    s.shutdown_clean();
+}

@@ -53,10 +53,24 @@ impl fmt::Display for ConfigErrors {
 pub struct Config {
     pub server: ServerConfig,
     pub ui: UiSettings,
+    /// Image recipes the server keeps built (`[[image]] recipe = "…"`): rebuilt in the
+    /// background every `rebuild_every` of the recipe.
+    pub images: Vec<PathBuf>,
     pub github: Option<GithubConfig>,
     pub repos: Vec<RepoConfig>,
     pub pools: Vec<PoolConfig>,
     pub pipelines: Vec<PipelineConfig>,
+    /// Named secrets (`[[secret]]`), handed to the steps that name them.
+    pub secrets: Vec<NamedSecret>,
+}
+
+/// `[[secret]]`: a value the server reads at startup and hands, as an environment
+/// variable, only to the steps that name it (never in pull request builds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedSecret {
+    /// `[A-Z_][A-Z0-9_]*`: also the variable's name in the step.
+    pub name: String,
+    pub source: SecretSource,
 }
 
 /// `[ui]`: the web pages.
@@ -85,6 +99,8 @@ pub struct ServerConfig {
     /// How long a replica's claim on a job lasts without renewal: a replica that dies
     /// loses its jobs to the others after this.
     pub lease: Duration,
+    /// On SIGTERM, how long running jobs may go on before they are stopped and requeued.
+    pub shutdown_grace: Duration,
 }
 
 /// Where a secret comes from.
@@ -280,6 +296,8 @@ pub struct StepConfig {
     pub env: BTreeMap<String, String>,
     /// Globs, relative to the workspace, of files kept after the job (even when it fails).
     pub artifacts: Vec<String>,
+    /// Names of `[[secret]]`s the step gets as environment variables (not in PR builds).
+    pub secrets: Vec<String>,
 }
 
 /// `[pipeline.plan]`: the dynamic-jobs step. It runs once per pool on a planning job and
@@ -302,6 +320,7 @@ impl PlanStepConfig {
             allow_failure: false,
             env: BTreeMap::new(),
             artifacts: Vec::new(),
+            secrets: Vec::new(),
         }
     }
 }
@@ -384,6 +403,8 @@ impl Config {
 struct RawConfig {
     server: Option<RawServer>,
     ui: Option<RawUi>,
+    #[serde(default)]
+    image: Vec<RawImage>,
     github: Option<RawGithub>,
     #[serde(default)]
     repo: Vec<RawRepo>,
@@ -391,6 +412,22 @@ struct RawConfig {
     pool: Vec<RawPool>,
     #[serde(default)]
     pipeline: Vec<RawPipeline>,
+    #[serde(default)]
+    secret: Vec<RawSecret>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    name: Spanned<String>,
+    file: Option<PathBuf>,
+    env: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    recipe: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -411,6 +448,7 @@ struct RawServer {
     agent_listen: Option<Spanned<String>>,
     replica_id: Option<String>,
     lease: Option<Spanned<String>>,
+    shutdown_grace: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -538,6 +576,8 @@ struct RawStep {
     env: BTreeMap<String, String>,
     #[serde(default)]
     artifacts: Vec<Spanned<String>>,
+    #[serde(default)]
+    secrets: Vec<Spanned<String>>,
 }
 
 const EVENTS: [&str; 3] = ["pull_request", "push", "manual"];
@@ -618,8 +658,19 @@ impl Validator<'_> {
                         }
                     },
                 };
+                let shutdown_grace = match &s.shutdown_grace {
+                    None => Duration::from_secs(60),
+                    Some(t) => match parse_duration(t.get_ref()) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            self.err(t.span(), "server.shutdown_grace", e);
+                            Duration::from_secs(60)
+                        }
+                    },
+                };
                 ServerConfig {
                     listen,
+                    shutdown_grace,
                     replica_id: s.replica_id,
                     lease,
                     agent_listen: s.agent_listen.map(Spanned::into_inner),
@@ -640,6 +691,7 @@ impl Validator<'_> {
                 agent_listen: None,
                 replica_id: None,
                 lease: Duration::from_secs(30),
+                shutdown_grace: Duration::from_secs(60),
             },
         };
 
@@ -1043,6 +1095,7 @@ impl Validator<'_> {
             });
         }
 
+        let secrets = self.secrets(raw.secret);
         let mut pipelines = Vec::new();
         let mut pipeline_names = HashSet::new();
         for (i, p) in raw.pipeline.into_iter().enumerate() {
@@ -1102,6 +1155,15 @@ impl Validator<'_> {
                         self.err(a.span(), skey("artifacts"), msg);
                     }
                 }
+                for n in &s.secrets {
+                    if !secrets.iter().any(|x| &x.name == n.get_ref()) {
+                        self.err(
+                            n.span(),
+                            skey("secrets"),
+                            format!("no [[secret]] is named {:?}", n.get_ref()),
+                        );
+                    }
+                }
                 steps.push(StepConfig {
                     name: s.name,
                     run: s.run,
@@ -1110,6 +1172,7 @@ impl Validator<'_> {
                     allow_failure: s.allow_failure,
                     env: s.env,
                     artifacts: s.artifacts.into_iter().map(Spanned::into_inner).collect(),
+                    secrets: s.secrets.into_iter().map(Spanned::into_inner).collect(),
                 });
             }
             if steps.is_empty() {
@@ -1225,6 +1288,7 @@ impl Validator<'_> {
 
         Config {
             server,
+            images: raw.image.into_iter().map(|i| i.recipe).collect(),
             ui: UiSettings {
                 require_login: raw.ui.map(|u| u.require_login).unwrap_or(false),
             },
@@ -1232,8 +1296,62 @@ impl Validator<'_> {
             repos,
             pools,
             pipelines,
+            secrets,
         }
     }
+
+    /// `[[secret]]` tables: unique names fit for an environment variable, one source each.
+    fn secrets(&mut self, raw: Vec<RawSecret>) -> Vec<NamedSecret> {
+        let mut out: Vec<NamedSecret> = Vec::new();
+        for (i, s) in raw.into_iter().enumerate() {
+            let key = |k: &str| format!("secret[{i}].{k}");
+            let name = s.name.get_ref();
+            if !valid_secret_name(name) {
+                self.err(
+                    s.name.span(),
+                    key("name"),
+                    format!(
+                        "expected a name like \"DEPLOY_KEY\" ([A-Z_][A-Z0-9_]*), found {name:?}"
+                    ),
+                );
+            } else if out.iter().any(|x| &x.name == name) {
+                self.err(
+                    s.name.span(),
+                    key("name"),
+                    format!("secret {name:?} is defined twice"),
+                );
+            }
+            let source = match (s.file, s.env) {
+                (Some(f), None) => SecretSource::File(f),
+                (None, Some(e)) => SecretSource::Env(e.into_inner()),
+                (Some(_), Some(e)) => {
+                    self.err(e.span(), key("env"), "expected `file` or `env`, not both");
+                    continue;
+                }
+                (None, None) => {
+                    self.err(
+                        s.name.span(),
+                        key("file"),
+                        "expected `file = \"/path\"` or `env = \"VAR\"`",
+                    );
+                    continue;
+                }
+            };
+            out.push(NamedSecret {
+                name: s.name.into_inner(),
+                source,
+            });
+        }
+        out
+    }
+}
+
+/// A secret's name: an environment variable name, `[A-Z_][A-Z0-9_]*`.
+fn valid_secret_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_uppercase() || c == '_')
+        && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        && s.len() <= 100
 }
 
 /// An artifact glob: relative to the workspace, never climbing out of it, valid syntax.
@@ -1432,6 +1550,67 @@ steps = [
         let text = EXAMPLE.replace("on = [\"push\"]", "on = [\"pr\"]");
         let e = Config::parse(&text, "slate.toml").unwrap_err();
         assert_eq!(e.0[0].key, "pipeline[0].steps[1].on");
+    }
+
+    #[test]
+    fn named_secrets_parse_and_bad_ones_are_located() {
+        let with = |secrets: &str, step: &str| {
+            format!(
+                "{}\n{secrets}",
+                EXAMPLE.replace("on = [\"push\"] }", &format!("on = [\"push\"]{step} }}"))
+            )
+        };
+        let text = with(
+            "[[secret]]\nname = \"DEPLOY_KEY\"\nfile = \"/etc/slate/deploy-key\"\n\n[[secret]]\nname = \"_TOKEN2\"\nenv = \"TOKEN\"\n",
+            ", secrets = [\"DEPLOY_KEY\"]",
+        );
+        let c = Config::parse(&text, "slate.toml").unwrap();
+        assert_eq!(
+            c.secrets,
+            vec![
+                NamedSecret {
+                    name: "DEPLOY_KEY".into(),
+                    source: SecretSource::File("/etc/slate/deploy-key".into()),
+                },
+                NamedSecret {
+                    name: "_TOKEN2".into(),
+                    source: SecretSource::Env("TOKEN".into()),
+                },
+            ]
+        );
+        assert_eq!(c.pipelines[0].steps[1].secrets, vec!["DEPLOY_KEY"]);
+        assert!(c.pipelines[0].steps[0].secrets.is_empty());
+
+        // A step naming a secret nobody defined: the step's line and key.
+        let text = with("", ", secrets = [\"DEPLOY_KY\"]");
+        let e = Config::parse(&text, "slate.toml").unwrap_err();
+        let e = &e.0[0];
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (28, "pipeline[0].steps[1].secrets"),
+            "{e}"
+        );
+        assert!(e.message.contains("DEPLOY_KY"), "{e}");
+
+        for (secret, key) in [
+            ("name = \"deploy-key\"\nfile = \"/k\"", "secret[0].name"),
+            ("name = \"9KEY\"\nfile = \"/k\"", "secret[0].name"),
+            ("name = \"KEY\"", "secret[0].file"),
+            (
+                "name = \"KEY\"\nfile = \"/k\"\nenv = \"K\"",
+                "secret[0].env",
+            ),
+        ] {
+            let text = with(&format!("[[secret]]\n{secret}\n"), "");
+            let e = Config::parse(&text, "slate.toml").unwrap_err();
+            assert_eq!(e.0[0].key, key, "{secret}: {}", e.0[0]);
+            assert!(e.0[0].line > 30, "{}", e.0[0]);
+        }
+        let dup =
+            "[[secret]]\nname = \"K_1\"\nenv = \"A\"\n[[secret]]\nname = \"K_1\"\nenv = \"B\"\n";
+        let e = Config::parse(&with(dup, ""), "slate.toml").unwrap_err();
+        assert_eq!(e.0[0].key, "secret[1].name");
+        assert!(e.0[0].message.contains("twice"), "{}", e.0[0]);
     }
 
     #[test]

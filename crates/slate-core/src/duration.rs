@@ -30,19 +30,25 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
+        let too_large = || format!("duration {text:?} is too large");
+        let secs = |mult: u64| {
+            n.checked_mul(mult)
+                .map(Duration::from_secs)
+                .ok_or_else(too_large)
+        };
         let d = match unit {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
+            "m" => secs(60)?,
+            "h" => secs(3600)?,
+            "d" => secs(86400)?,
             _ => {
                 return Err(format!(
                     "unknown unit {unit:?} in duration {text:?}: expected ms, s, m, h or d"
                 ))
             }
         };
-        total += d;
+        total = total.checked_add(d).ok_or_else(too_large)?;
     }
     Ok(total)
 }

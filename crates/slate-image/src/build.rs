@@ -10,10 +10,14 @@
 //! are mounted there and vanish with the namespace, so a build killed at any point leaves
 //! no mount and no process behind. The builder also asks for SIGKILL on its own death
 //! (`PR_SET_PDEATHSIG`), which `--kill-child` passes on to the whole namespace.
+//!
+//! With the `qcow2` output a last stage, `qcow2`, makes `<version>/vm` from the finished
+//! rootfs (see `vm.rs`), inside the temp dir: it becomes visible with the rest or not at all.
 
 use crate::fsutil::{self, Lock};
 use crate::progress::StageBar;
 use crate::store::{self, ImageMeta, StageTiming};
+use crate::vm::{self, VmInputs};
 use crate::{Base, ImageError, Output, Progress, Recipe};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -60,7 +64,10 @@ pub struct ImageVersion {
     pub version: String,
     /// `<images_dir>/<name>/<version>`.
     pub dir: PathBuf,
+    /// `<dir>/rootfs`; absent when the recipe's outputs leave out `rootfs`.
     pub rootfs: PathBuf,
+    /// `<dir>/vm` (`disk.qcow2`, `vmlinuz`, `initrd.img`, `cmdline`) with the `qcow2` output.
+    pub vm: Option<PathBuf>,
     pub meta: ImageMeta,
 }
 
@@ -100,14 +107,18 @@ impl ImageBuilder {
     /// Build `recipe` into a new version. On any failure nothing becomes visible, the temp
     /// dir is removed and the stage logs are kept in `<name>/.failed-<stamp>/logs`.
     pub fn build(&self, recipe: &Recipe, progress: &Progress) -> Result<ImageVersion, ImageError> {
-        if let Some(o) = recipe.outputs.iter().find(|o| **o != Output::Rootfs) {
-            return Err(ImageError::OutputNotSupported(*o));
-        }
         if !nix::unistd::geteuid().is_root() {
             return Err(ImageError::Other(
                 "image builds need root (chroot, mount namespaces)".into(),
             ));
         }
+        // Checked before any stage runs: a missing agent should not cost a debootstrap.
+        let vm_inputs = if recipe.outputs.contains(&Output::Qcow2) {
+            Some(VmInputs::resolve(recipe)?)
+        } else {
+            None
+        };
+        let keep_rootfs = recipe.outputs.contains(&Output::Rootfs);
         let started = Instant::now();
         let name_dir = self.images_dir.join(&recipe.name);
         fs::create_dir_all(&name_dir)
@@ -135,16 +146,36 @@ impl ImageBuilder {
             logs: &logs,
             timings: Vec::new(),
         };
-        let stages = |b: &mut Build<'_>| -> Result<(String, bool), ImageError> {
-            let base = self.base_and_packages(b, &rootfs)?;
-            let _net = ResolvGuard::install(&rootfs)?;
-            b.files(&rootfs)?;
-            b.commands("run", &rootfs, &recipe.run)?;
-            b.commands("tools", &rootfs, &recipe.tools)?;
-            b.commands("package_manager", &rootfs, &recipe.package_manager)?;
-            Ok(base)
+        let stages = |b: &mut Build<'_>| -> Result<Staged, ImageError> {
+            let (base_identity, base_reused) = self.base_and_packages(b, &rootfs)?;
+            {
+                let _net = ResolvGuard::install(&rootfs)?;
+                b.files(&rootfs)?;
+                b.commands("run", &rootfs, &recipe.run)?;
+                b.commands("tools", &rootfs, &recipe.tools)?;
+                b.commands("package_manager", &rootfs, &recipe.package_manager)?;
+            }
+            let size_bytes = fsutil::tree_size(&rootfs);
+            let vm_disk_bytes = match &vm_inputs {
+                Some(inputs) => {
+                    let bar = b.progress.stage("qcow2", 0);
+                    let t = Instant::now();
+                    let log = b.logs.join("qcow2.log");
+                    let bytes = vm::make(inputs, &tmp, &rootfs, keep_rootfs, &log, &bar)
+                        .inspect_err(|e| bar.fail(&e.to_string()))?;
+                    b.done("qcow2", &bar, t, false);
+                    Some(bytes)
+                }
+                None => None,
+            };
+            Ok(Staged {
+                base_identity,
+                base_reused,
+                size_bytes,
+                vm_disk_bytes,
+            })
         };
-        let (base_identity, base_reused) = stages(&mut b).map_err(|e| match e {
+        let staged = stages(&mut b).map_err(|e| match e {
             // The temp dir goes away; point at where the guard keeps the logs.
             ImageError::CommandFailed {
                 stage,
@@ -164,8 +195,15 @@ impl ImageBuilder {
             },
             other => other,
         })?;
+        let Staged {
+            base_identity,
+            base_reused,
+            size_bytes,
+            vm_disk_bytes,
+        } = staged;
 
-        let input_hash = input_hash(recipe, &base_identity)?;
+        let vm_identity = vm_inputs.as_ref().map(VmInputs::identity).transpose()?;
+        let input_hash = input_hash(recipe, &base_identity, vm_identity.as_deref())?;
         let version = format!("{stamp}-{}", &input_hash[..8]);
         let meta = ImageMeta {
             name: recipe.name.clone(),
@@ -176,7 +214,8 @@ impl ImageBuilder {
             base: base_identity,
             base_reused,
             created: Utc::now(),
-            size_bytes: fsutil::tree_size(&rootfs),
+            size_bytes,
+            vm_disk_bytes,
             outputs: recipe.outputs.clone(),
             stages: b.timings,
             build_seconds: started.elapsed().as_secs_f64(),
@@ -199,6 +238,7 @@ impl ImageBuilder {
             name: recipe.name.clone(),
             version,
             rootfs: dir.join("rootfs"),
+            vm: vm_inputs.as_ref().map(|_| dir.join(vm::VM_DIR)),
             dir,
             meta,
         })
@@ -374,6 +414,15 @@ impl ImageBuilder {
     }
 }
 
+/// What the stages hand to the version's metadata.
+struct Staged {
+    base_identity: String,
+    base_reused: bool,
+    /// The rootfs, measured before the `qcow2` stage (which may consume it).
+    size_bytes: u64,
+    vm_disk_bytes: Option<u64>,
+}
+
 /// One build's stages and their timings.
 struct Build<'a> {
     recipe: &'a Recipe,
@@ -541,7 +590,7 @@ fn run_in_chroot(
 
 /// Run `cmd` with stdout and stderr appended to `log`; on failure the error names the
 /// command and carries the tail of its output.
-fn run_logged(
+pub(crate) fn run_logged(
     stage: &str,
     shown: &str,
     mut cmd: Command,
@@ -719,7 +768,11 @@ impl Drop for PolicyGuard {
 /// What decides "unchanged": the recipe's text, every copied file's content and mode, and
 /// the base's identity (debootstrap parameters + cached base creation time, tarball
 /// SHA-256, or parent version).
-fn input_hash(recipe: &Recipe, base_identity: &str) -> Result<String, ImageError> {
+fn input_hash(
+    recipe: &Recipe,
+    base_identity: &str,
+    vm_identity: Option<&str>,
+) -> Result<String, ImageError> {
     let mut h = Sha256::new();
     h.update(b"slate-image input v1\n");
     h.update(format!("recipe {}\n", recipe.text_hash));
@@ -735,10 +788,13 @@ fn input_hash(recipe: &Recipe, base_identity: &str) -> Result<String, ImageError
         ));
     }
     h.update(format!("base {base_identity}\n"));
+    if let Some(vm) = vm_identity {
+        h.update(format!("vm {vm}\n"));
+    }
     Ok(hex::encode(h.finalize()))
 }
 
-fn file_sha256(path: &Path) -> Result<String, ImageError> {
+pub(crate) fn file_sha256(path: &Path) -> Result<String, ImageError> {
     let mut f = File::open(path).map_err(ImageError::io(format!("opening {}", path.display())))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! <name>/<version>/rootfs      the image (never written once visible)
+//! <name>/<version>/vm/         the `qcow2` output: disk.qcow2, vmlinuz, initrd.img, cmdline
 //! <name>/<version>/meta.json   hashes, created, size, outputs, stage durations
 //! <name>/<version>/logs/*.log  one log per build stage
 //! <name>/.tmp-<version>/       a build in progress (renamed to <version> when done)
@@ -17,6 +18,7 @@ mod fsutil;
 mod progress;
 pub mod recipe;
 mod store;
+mod vm;
 
 pub use build::{ImageBuilder, ImageVersion};
 pub use progress::Progress;
@@ -45,8 +47,6 @@ pub enum ImageError {
         log: PathBuf,
         tail: String,
     },
-    #[error("output `{0}` is not supported yet (only \"rootfs\" is)")]
-    OutputNotSupported(Output),
     #[error("image `{0}` has no version under {1}")]
     NotFound(String, PathBuf),
     #[error("another build of image `{0}` is running")]

@@ -98,7 +98,8 @@ pub struct FileSpec {
 pub enum Output {
     /// A root filesystem directory, the lower layer of sandbox workers.
     Rootfs,
-    /// A bootable disk plus kernel and initrd for VM pools (not built yet).
+    /// A bootable VM image for qemu/libvirt pools: `<version>/vm/{disk.qcow2,vmlinuz,
+    /// initrd.img,cmdline}`, with `slate-agent` started at boot.
     Qcow2,
 }
 
@@ -129,6 +130,13 @@ pub struct Recipe {
     pub outputs: Vec<Output>,
     /// How often the server rebuilds the image; also the longest a cached base is reused.
     pub rebuild_every: Option<Duration>,
+    /// `agent = "path"`: the `slate-agent` put into the `qcow2` disk (absolute). `None`:
+    /// `slate-agent` next to the running executable.
+    pub agent: Option<PathBuf>,
+    /// `kernel = "dir"`: where the `qcow2` output's kernel comes from when the image has
+    /// none of its own (absolute): `vmlinuz` or `boot/vmlinuz-<ver>`, and
+    /// `lib/modules/<ver>` with a `modules.dep`.
+    pub kernel: Option<PathBuf>,
 }
 
 impl Recipe {
@@ -197,6 +205,8 @@ struct RawRecipe {
     package_manager: Option<RawStage>,
     outputs: Option<Spanned<Vec<Spanned<String>>>>,
     rebuild_every: Option<Spanned<String>>,
+    agent: Option<Spanned<String>>,
+    kernel: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +277,19 @@ impl Validator<'_> {
                 s.span(),
                 key,
                 format!("{} does not exist or is not a regular file", p.display()),
+            );
+        }
+        p
+    }
+
+    /// A host directory named in the recipe (relative to the recipe's directory).
+    fn host_dir(&mut self, s: &Spanned<String>, key: &str) -> PathBuf {
+        let p = self.dir.join(s.get_ref());
+        if !p.is_dir() {
+            self.err(
+                s.span(),
+                key,
+                format!("{} does not exist or is not a directory", p.display()),
             );
         }
         p
@@ -475,6 +498,25 @@ impl Validator<'_> {
             }
         });
 
+        let qcow2 = outputs.contains(&Output::Qcow2);
+        let vm_path = |v: &mut Self, raw: Option<Spanned<String>>, key: &str| {
+            let raw = raw?;
+            if !qcow2 {
+                v.err(
+                    raw.span(),
+                    key,
+                    "only used by the \"qcow2\" output: add it to `outputs` or remove this key",
+                );
+            }
+            Some(if key == "agent" {
+                v.host_path(&raw, key, true)
+            } else {
+                v.host_dir(&raw, key)
+            })
+        };
+        let agent = vm_path(self, raw.agent, "agent");
+        let kernel = vm_path(self, raw.kernel, "kernel");
+
         Some(Recipe {
             name,
             path: path.to_path_buf(),
@@ -487,6 +529,8 @@ impl Validator<'_> {
             package_manager: raw.package_manager.map(|s| s.run).unwrap_or_default(),
             outputs,
             rebuild_every,
+            agent,
+            kernel,
         })
     }
 }

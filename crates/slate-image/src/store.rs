@@ -38,6 +38,9 @@ pub struct ImageMeta {
     pub base_reused: bool,
     pub created: DateTime<Utc>,
     pub size_bytes: u64,
+    /// Size of `vm/disk.qcow2` (the `qcow2` output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_disk_bytes: Option<u64>,
     pub outputs: Vec<Output>,
     pub stages: Vec<StageTiming>,
     pub build_seconds: f64,
@@ -51,6 +54,8 @@ pub struct ImageInfo {
     /// `<images_dir>/<name>/<version>`.
     pub dir: PathBuf,
     pub rootfs: PathBuf,
+    /// `<dir>/vm`, the VM image directory, when the version has the `qcow2` output.
+    pub vm: Option<PathBuf>,
     pub created: DateTime<Utc>,
     pub size_bytes: u64,
     pub outputs: Vec<Output>,
@@ -69,6 +74,9 @@ pub struct ResolvedImage {
     /// Empty for a plain directory.
     pub version: String,
     pub rootfs: PathBuf,
+    /// The VM image directory (what qemu/libvirt pools boot): the version's `vm/` with the
+    /// `qcow2` output, or a named directory holding `disk.qcow2`.
+    pub vm: Option<PathBuf>,
 }
 
 /// What `gc` removed.
@@ -130,6 +138,10 @@ pub fn versions(images_dir: &Path, name: &str) -> Result<Vec<ImageInfo>, ImageEr
                 version: e.file_name().to_string_lossy().into_owned(),
                 dir: e.path(),
                 rootfs: e.path().join("rootfs"),
+                vm: meta
+                    .outputs
+                    .contains(&Output::Qcow2)
+                    .then(|| e.path().join(crate::vm::VM_DIR)),
                 created: meta.created,
                 size_bytes: meta.size_bytes,
                 outputs: meta.outputs,
@@ -170,6 +182,7 @@ pub fn resolve(images_dir: &Path, name_or_path: &str) -> Result<ResolvedImage, I
         return Ok(ResolvedImage {
             name: name_or_path.to_string(),
             version: String::new(),
+            vm: p.join("disk.qcow2").is_file().then(|| p.clone()),
             rootfs: p,
         });
     }
@@ -180,6 +193,7 @@ pub fn resolve(images_dir: &Path, name_or_path: &str) -> Result<ResolvedImage, I
         name: newest.name,
         version: newest.version,
         rootfs: newest.rootfs,
+        vm: newest.vm,
     })
 }
 

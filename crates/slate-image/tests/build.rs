@@ -199,20 +199,3 @@ fn child_image_starts_from_its_parent() {
     );
     assert!(v.meta.base.contains(&parent.version), "{}", v.meta.base);
 }
-
-#[test]
-fn qcow2_output_is_refused_clearly() {
-    let fx = Fixture::new();
-    let r = Recipe::load(&fx.recipe(
-        "vm",
-        "name = \"vm\"\nbase = { tarball = \"busybox.tar\" }\noutputs = [\"rootfs\", \"qcow2\"]\n",
-    ))
-    .unwrap();
-    let err = ImageBuilder::new(fx.images())
-        .build(&r, &Progress::hidden())
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("`qcow2` is not supported yet"),
-        "{err}"
-    );
-}

@@ -278,8 +278,14 @@ async fn job_boots_and_runs_over_virtio_serial_then_destroy_leaves_nothing() {
     let mut worker = fx.provider.provision(spec).await.unwrap();
     assert_eq!(worker.name, name);
     assert_eq!(fx.provider.list().await.unwrap(), vec![name.clone()]);
-    // The token is handed over by fw_cfg file, never on qemu's command line.
-    let procs = qemu_processes(&name);
+    // The token is handed over by fw_cfg file, never on qemu's command line. (Right after
+    // spawn the child may not have exec'd qemu yet: give it a moment.)
+    let mut procs = qemu_processes(&name);
+    let until = Instant::now() + Duration::from_secs(10);
+    while procs.is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        procs = qemu_processes(&name);
+    }
     assert_eq!(procs.len(), 1, "{procs:?}");
     assert!(!procs[0].1.contains(&token), "token on the process list");
 

@@ -413,3 +413,22 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     )
         .into_response()
 }
+
+/// Images: every built version with the jobs running on it, and the last scheduled
+/// rebuild of each configured recipe (a failed rebuild shows here and in metrics).
+pub async fn images(State(app): State<Arc<App>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let images_dir = app.data_dir.join("images");
+    let in_use: Vec<std::path::PathBuf> = app
+        .images_in_use
+        .lock()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect();
+    let mut versions = slate_image::list(&images_dir).unwrap_or_default();
+    for v in &mut versions {
+        v.in_use_by = Some(in_use.iter().filter(|p| **p == v.rootfs).count());
+    }
+    let rebuilds = app.rebuilds.by_image.lock().unwrap().clone();
+    Ok(Json(json!({ "versions": versions, "rebuilds": rebuilds })))
+}

@@ -53,12 +53,17 @@ pub enum StartError {
     NamedImage { pool: String, detail: String },
     #[error("github client: {0}")]
     Forge(String),
+    #[error("secret {name}: {detail}")]
+    NamedSecret { name: String, detail: String },
 }
 
 /// Shared state of a running server.
 pub struct App {
     pub config: Arc<Config>,
     pub webhook_secret: Option<Secret>,
+    /// `[[secret]]` values by name, read at startup; handed only to the steps that
+    /// name them, never in pull request builds, and masked in job logs.
+    pub secrets: std::collections::BTreeMap<String, Secret>,
     pub store: Arc<dyn Store>,
     /// Provider per pool name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
@@ -83,6 +88,8 @@ pub struct App {
     /// Cancellation handles of jobs running in this process.
     pub running: Mutex<HashMap<JobId, CancellationToken>>,
     pub shutdown: CancellationToken,
+    /// Set on SIGTERM: no new jobs are claimed; running ones may finish (grace period).
+    pub draining: CancellationToken,
     /// Jobs waiting for their agents, by token.
     pub agents: crate::agents::AgentRegistry,
     /// Shared caches: mirrors, PR layers, per-job overlays.
@@ -90,6 +97,8 @@ pub struct App {
     /// The image version each running job was started on (pinned: a rebuild never
     /// changes a running job; `gc` must keep these).
     pub images_in_use: Mutex<HashMap<JobId, PathBuf>>,
+    /// Scheduled image rebuilds and their last results.
+    pub rebuilds: crate::images::Rebuilds,
     /// This server's name in job leases and event claims.
     pub replica_id: String,
     /// Several replicas share the store (PostgreSQL): jobs are leased, events claimed,
@@ -181,6 +190,35 @@ impl App {
             None => (None, None),
         };
 
+        let mut secrets = std::collections::BTreeMap::new();
+        for s in &config.secrets {
+            let value = read_secret("named secret", &s.source).map_err(|e| match e {
+                StartError::Secret {
+                    source_desc,
+                    detail,
+                    ..
+                } => StartError::NamedSecret {
+                    name: s.name.clone(),
+                    detail: format!("{source_desc}: {detail}"),
+                },
+                other => other,
+            })?;
+            if value.is_empty() {
+                return Err(StartError::NamedSecret {
+                    name: s.name.clone(),
+                    detail: "the value is empty".into(),
+                });
+            }
+            if value.expose().len() < crate::logs::MIN_MASKED_LEN {
+                tracing::warn!(
+                    secret = %s.name,
+                    "secret is shorter than {} bytes: it is not masked in logs",
+                    crate::logs::MIN_MASKED_LEN
+                );
+            }
+            secrets.insert(s.name.clone(), value);
+        }
+
         let agent_binary = opts
             .agent_binary
             .clone()
@@ -223,8 +261,8 @@ impl App {
         for pool in &config.pools {
             // An exec pool's image is the hooks' business (a VM name, an inventory path);
             // a sandbox pool may name a built image (`slate image build`) instead of a path.
-            let named = pool.provider == ProviderKind::Sandbox
-                && !pool.image.to_string_lossy().contains('/');
+            let named =
+                pool.provider != ProviderKind::Exec && !pool.image.to_string_lossy().contains('/');
             if named {
                 if let Err(e) =
                     slate_image::resolve(&data_dir.join("images"), &pool.image.to_string_lossy())
@@ -244,7 +282,7 @@ impl App {
                 ProviderKind::Sandbox => providers.insert(pool.name.clone(), sandbox.clone()),
                 ProviderKind::Libvirt => {
                     for f in ["disk.qcow2", "vmlinuz", "initrd.img"] {
-                        if !pool.image.join(f).is_file() {
+                        if !named && !pool.image.join(f).is_file() {
                             return Err(StartError::Image {
                                 pool: pool.name.clone(),
                                 image: pool.image.join(f),
@@ -274,7 +312,7 @@ impl App {
                 }
                 ProviderKind::Qemu => {
                     for f in ["disk.qcow2", "vmlinuz", "initrd.img"] {
-                        if !pool.image.join(f).is_file() {
+                        if !named && !pool.image.join(f).is_file() {
                             return Err(StartError::Image {
                                 pool: pool.name.clone(),
                                 image: pool.image.join(f),
@@ -355,6 +393,7 @@ impl App {
         Ok(Arc::new(App {
             config: Arc::new(config),
             webhook_secret,
+            secrets,
             store,
             providers,
             reporter,
@@ -373,9 +412,11 @@ impl App {
             event_lock: tokio::sync::Mutex::new(()),
             running: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            draining: CancellationToken::new(),
             agents: crate::agents::AgentRegistry::default(),
             caches,
             images_in_use: Mutex::new(HashMap::new()),
+            rebuilds: crate::images::Rebuilds::default(),
             replica_id,
             replicated,
         }))

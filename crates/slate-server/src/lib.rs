@@ -9,6 +9,7 @@ pub mod artifacts;
 mod dynamic;
 pub mod events;
 pub mod git;
+pub mod images;
 pub mod logs;
 pub mod metrics;
 pub mod recovery;
@@ -50,6 +51,7 @@ pub fn router_with_ui(app: Arc<App>, ui: ui::UiConfig) -> Router {
             get(artifacts::download),
         )
         .route("/api/v1/jobs/{id}/cancel", post(api::cancel_job))
+        .route("/api/v1/images", get(api::images))
         .route("/api/v1/submit", post(api::submit))
         .with_state(app.clone());
     // The web UI (`/`, `/jobs/{id}` which statuses link to, …) wraps the rest.
@@ -85,11 +87,24 @@ pub async fn start(
     let sched = tokio::spawn(scheduler::scheduler_loop(app.clone()));
     let leases = tokio::spawn(scheduler::lease_loop(app.clone()));
     let housekeeping = tokio::spawn(housekeeping_loop(app.clone()));
-    let token = app.shutdown.clone();
+    let rebuilds = tokio::spawn(images::rebuild_loop(app.clone()));
+    let drain_app = app.clone();
     let served = axum::serve(listener, router(app.clone()))
         .with_graceful_shutdown(async move {
             shutdown.await;
-            token.cancel();
+            // Stop claiming, let running jobs finish within the grace period (the API
+            // keeps serving their logs meanwhile), then stop the rest.
+            let app = drain_app;
+            app.draining.cancel();
+            let grace = app.config.server.shutdown_grace;
+            let running = app.running.lock().unwrap().len();
+            tracing::info!(running, grace_ms = grace.as_millis() as u64, "draining");
+            let deadline = tokio::time::Instant::now() + grace;
+            while !app.running.lock().unwrap().is_empty() && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            app.shutdown.cancel();
         })
         .await;
     app.shutdown.cancel();
@@ -97,6 +112,7 @@ pub async fn start(
     let _ = sched.await;
     let _ = leases.await;
     let _ = housekeeping.await;
+    rebuilds.abort();
     if let Some(t) = agents_tcp {
         let _ = t.await;
     }

@@ -32,6 +32,13 @@ pub struct Metrics {
     pub webhooks: Family<ResultLabel, Counter>,
     pub status_reports: Family<ResultLabel, Gauge>,
     pub leaked_workers_cleaned: Counter,
+    pub image_rebuilds: Family<ImageResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImageResultLabel {
+    pub image: String,
+    pub result: String,
 }
 
 fn provision_buckets() -> Histogram {
@@ -65,6 +72,12 @@ impl Metrics {
         let webhooks = Family::<ResultLabel, Counter>::default();
         let status_reports = Family::<ResultLabel, Gauge>::default();
         let leaked_workers_cleaned = Counter::default();
+        let image_rebuilds = Family::<ImageResultLabel, Counter>::default();
+        registry.register(
+            "image_rebuilds",
+            "Scheduled image rebuilds by image and result",
+            image_rebuilds.clone(),
+        );
         registry.register("jobs", "Jobs by state", jobs.clone());
         registry.register("queue_depth", "Queued jobs per pool", queue_depth.clone());
         registry.register(
@@ -97,7 +110,17 @@ impl Metrics {
             webhooks,
             status_reports,
             leaked_workers_cleaned,
+            image_rebuilds,
         }
+    }
+
+    pub fn image_rebuild(&self, image: &str, result: &str) {
+        self.image_rebuilds
+            .get_or_create(&ImageResultLabel {
+                image: image.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     pub fn webhook(&self, result: &str) {

@@ -61,7 +61,14 @@ pub async fn run_job(app: Arc<App>, job: Job, cancel: CancellationToken) {
         .unwrap_or(crate::logs::DEFAULT_LOG_CAP);
     let attempts = app.config.pool(&job.pool).map(|p| p.attempts).unwrap_or(1);
     let outcome = match app.logs.writer_with_cap(id, log_limit).await {
-        Ok(mut log) => {
+        Ok(log) => {
+            // Every configured secret is masked in every job's log, whoever got it.
+            let mut log = log.with_masks(
+                app.secrets
+                    .values()
+                    .map(|v| v.expose().as_bytes().to_vec())
+                    .collect(),
+            );
             let mut outcome = run(&app, &job, &cancel, &mut log).await;
             if outcome.infra && job.attempt < attempts && !cancel.is_cancelled() {
                 let _ = log
@@ -206,6 +213,12 @@ fn job_pipeline(mut pipeline: PipelineConfig, job: &Job) -> PipelineConfig {
     pipeline
 }
 
+/// Whether the build's steps run without their secrets: any pull request (fork or not)
+/// runs code nobody trusted yet; pushes and `slate submit` builds get them.
+fn withholds_secrets(build: &Build) -> bool {
+    matches!(build.change.trigger, Trigger::PullRequest { .. })
+}
+
 /// The steps that run for this build's event, with their index in the pipeline.
 fn job_spec(
     app: &App,
@@ -258,12 +271,21 @@ fn job_spec(
             continue;
         }
         map.push(i);
+        let mut step_env = s.env.clone();
+        // A step gets the secrets it names, but a pull request's code never does.
+        if !withholds_secrets(build) {
+            for name in &s.secrets {
+                if let Some(v) = app.secrets.get(name) {
+                    step_env.insert(name.clone(), v.expose().to_string());
+                }
+            }
+        }
         steps.push(StepSpec {
             name: s.name.clone(),
             run: slate_core::planner::substitute(&s.run, &job.vars),
             timeout_ms: s.timeout.map(|d| d.as_millis() as u64),
             allow_failure: s.allow_failure,
-            env: s.env.clone(),
+            env: step_env,
         });
     }
     (
@@ -536,6 +558,20 @@ async fn run(
                     outcome: Some("skipped".into()),
                 })
                 .await;
+        }
+    }
+    if withholds_secrets(&build) {
+        for &i in &step_map {
+            let s = &pipeline.steps[i];
+            if !s.secrets.is_empty() {
+                let _ = log
+                    .note(&format!(
+                        "step {}: secrets withheld from pull request builds ({})",
+                        s.name,
+                        s.secrets.join(", ")
+                    ))
+                    .await;
+            }
         }
     }
     let mut link = link;
@@ -926,14 +962,21 @@ async fn harvest_caches(app: &Arc<App>, job: &Job, log: Option<&mut LogWriter>) 
     }
 }
 
-/// The root filesystem a sandbox pool's job starts on: the pool's directory, or the
-/// newest version of the named image built by `slate image build`.
+/// What a pool's job starts on: the pool's directory, or the newest version of the
+/// named image built by `slate image build` — its root filesystem for sandboxes, its VM
+/// output (disk.qcow2, vmlinuz, initrd.img) for qemu and libvirt pools.
 fn resolve_image(app: &App, pool: &PoolConfig) -> Result<std::path::PathBuf, String> {
+    use slate_core::config::ProviderKind;
     let name = pool.image.to_string_lossy();
-    if pool.provider != slate_core::config::ProviderKind::Sandbox || name.contains('/') {
+    if pool.provider == ProviderKind::Exec || name.contains('/') {
         return Ok(pool.image.clone());
     }
-    slate_image::resolve(&app.data_dir.join("images"), &name)
-        .map(|r| r.rootfs)
-        .map_err(|e| format!("image {name}: {e}"))
+    let r = slate_image::resolve(&app.data_dir.join("images"), &name)
+        .map_err(|e| format!("image {name}: {e}"))?;
+    match pool.provider {
+        ProviderKind::Sandbox => Ok(r.rootfs),
+        _ => {
+            r.vm.ok_or_else(|| format!("image {name} has no qcow2 output for a VM pool"))
+        }
+    }
 }

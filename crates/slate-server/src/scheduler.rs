@@ -43,7 +43,12 @@ pub async fn scheduler_loop(app: Arc<App>) {
         {
             // Jobs whose build is still being planned are not claimable yet.
             let _planning = app.planning.lock().await;
-            for pool in &app.config.pools {
+            let pools = if app.draining.is_cancelled() {
+                &[][..]
+            } else {
+                &app.config.pools[..]
+            };
+            for pool in pools {
                 loop {
                     let claimed = app
                         .store

@@ -59,10 +59,14 @@ pub struct Options {
     pub provider: String,
     /// Extra lines in `[server]` (database, replica_id…).
     pub server_extra: String,
+    /// How long SIGTERM lets running jobs finish.
+    pub shutdown_grace: String,
     /// The pool's image; the shared busybox rootfs when `None`.
     pub image: Option<PathBuf>,
     /// Lines after the pipeline's `steps` (may open `[pipeline.plan]`).
     pub pipeline_tail: String,
+    /// Top-level tables at the end of the config (`[[secret]]`…).
+    pub config_extra: String,
 }
 
 impl Default for Options {
@@ -80,8 +84,10 @@ impl Default for Options {
             pool_extra: String::new(),
             provider: "sandbox".into(),
             server_extra: String::new(),
+            shutdown_grace: "2s".into(),
             image: None,
             pipeline_tail: String::new(),
+            config_extra: String::new(),
         }
     }
 }
@@ -147,6 +153,7 @@ impl Slate {
 listen = "127.0.0.1:0"
 data_dir = "{data}"
 agent_binary = "{agent}"
+shutdown_grace = "{grace}"
 {server_extra}
 
 [github]
@@ -174,6 +181,8 @@ pools = ["busybox"]
 {extra}
 steps = [{steps}]
 {pipeline_tail}
+
+{config_extra}
 "#,
             data = data.display(),
             agent = slate_testkit::agent_bin::static_agent().display(),
@@ -185,12 +194,14 @@ steps = [{steps}]
             image = opts.image.as_deref().unwrap_or(image()).display(),
             provider = opts.provider,
             server_extra = opts.server_extra,
+            grace = opts.shutdown_grace,
             max_jobs = opts.max_jobs,
             limits = opts.pool_limits,
             pool_extra = opts.pool_extra,
             extra = opts.extra_pipeline,
             steps = opts.steps,
             pipeline_tail = opts.pipeline_tail,
+            config_extra = opts.config_extra,
         );
         std::fs::write(&config, text).unwrap();
         let mut s = Slate {

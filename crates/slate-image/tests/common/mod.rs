@@ -1,6 +1,8 @@
 //! Shared test support: a busybox rootfs tarball and recipe files in a temp dir.
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -49,6 +49,8 @@ impl IntoResponse for ActionError {
 /// Cancel every active job of a build; returns how many were still active.
 pub async fn cancel_build(app: &App, id: BuildId, who: &str) -> Result<usize, ActionError> {
     let reason = format!("cancelled by {who}");
+    // A build that does not exist is a 404, not "nothing to cancel".
+    app.store.get_build(id).await?;
     let mut n = 0;
     for j in app.store.jobs_of_build(id).await? {
         if !j.state.is_terminal() && app.cancel_job(j.id, &reason).await? {
