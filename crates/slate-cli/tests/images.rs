@@ -115,3 +115,77 @@ outputs = ["rootfs"]
     );
     s.shutdown_clean();
 }
+
+#[test]
+fn configured_images_are_rebuilt_in_the_background_and_failures_are_visible() {
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = work.path().join("rootfs");
+    slate_testkit::image::busybox_rootfs(&rootfs).unwrap();
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .args(["-cf"])
+        .arg(work.path().join("busybox.tar"))
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let good = work.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "name = \"good\"\nbase = { tarball = \"busybox.tar\" }\nrun = [\"echo built > /etc/built\"]\noutputs = [\"rootfs\"]\nrebuild_every = \"7d\"\n",
+    )
+    .unwrap();
+    let broken = work.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "name = \"broken\"\nbase = { tarball = \"busybox.tar\" }\nrun = [\"echo failing on purpose; exit 3\"]\noutputs = [\"rootfs\"]\nrebuild_every = \"1d\"\n",
+    )
+    .unwrap();
+    let s = Slate::start(Options {
+        config_extra: format!(
+            "[[image]]\nrecipe = \"{}\"\n\n[[image]]\nrecipe = \"{}\"\n",
+            good.display(),
+            broken.display()
+        ),
+        ..Default::default()
+    });
+    // Neither has a version yet, so both are due at start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let images = loop {
+        let v = s.get("/api/v1/images");
+        let done = |n: &str| v["rebuilds"][n]["last_result"].is_string();
+        if done("good") && done("broken") {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rebuild results: {v:#}\n{}",
+            s.server_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(
+        images["rebuilds"]["good"]["last_result"], "ok",
+        "{images:#}"
+    );
+    assert!(images["rebuilds"]["good"]["newest_version"].is_string());
+    let err = images["rebuilds"]["broken"]["last_result"]
+        .as_str()
+        .unwrap();
+    assert!(err.contains("exit") || err.contains("3"), "{err}");
+    assert_eq!(images["rebuilds"]["broken"]["failures"], 1);
+    let versions = images["versions"].as_array().unwrap();
+    assert!(versions.iter().any(|v| v["name"] == "good"), "{images:#}");
+    assert!(
+        !versions.iter().any(|v| v["name"] == "broken"),
+        "a failed build left a version"
+    );
+    let metrics = s.get_text("/metrics");
+    assert!(
+        metrics.contains("slate_image_rebuilds_total{image=\"broken\",result=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("slate_image_rebuilds_total{image=\"good\",result=\"ok\"} 1"));
+    s.shutdown_clean();
+}

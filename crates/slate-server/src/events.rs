@@ -229,7 +229,7 @@ pub async fn start_build(
         }
         Err(e) => (plain(&pipeline.pools), None, Some(e.to_string()), None),
     };
-    let (build_id, job_ids) = app
+    let created = app
         .store
         .create_build(NewBuild {
             change: change.clone(),
@@ -237,8 +237,19 @@ pub async fn start_build(
             event_id,
             jobs,
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await;
+    let (build_id, job_ids) = match created {
+        Ok(c) => c,
+        // The event's build exists: a crash came between creating it and marking the
+        // event processed. Handling it again must not make a second build.
+        Err(slate_store::StoreError::Database(e))
+            if event_id.is_some() && e.to_string().to_lowercase().contains("unique") =>
+        {
+            tracing::info!(event.id = event_id, "event already has its build");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     if let Some(sha) = &checkout {
         app.store
             .set_build_checkout(build_id, sha)

@@ -226,6 +226,22 @@ pub async fn create_build_queues_one_job_per_pool(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(jobs.len(), 2);
+    // One build per event: handling an event twice (after a crash) makes no second build.
+    let again = store
+        .create_build(NewBuild {
+            event_id: Some(event),
+            ..new_build(change.clone(), &["linux-x86_64"])
+        })
+        .await;
+    assert!(again.is_err(), "a second build for one event was created");
+    assert_eq!(
+        store
+            .list_builds(&BuildFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 
     let build = store.get_build(build_id).await.unwrap();
     assert_eq!(build.id, build_id);
