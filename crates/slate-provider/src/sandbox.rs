@@ -57,6 +57,9 @@ pub struct SandboxProvider {
     root: PathBuf,
     /// `slate/<hash of root>`: where this provider's cgroups live.
     cgroup_parent: String,
+    /// Held while a worker directory is made and while the cgroup scope is removed once
+    /// the last worker is gone, so a new worker never loses its scope under runc.
+    scope_lock: Arc<Mutex<()>>,
     running: Arc<Mutex<HashMap<String, Running>>>,
 }
 
@@ -67,6 +70,7 @@ impl SandboxProvider {
         let _ = std::fs::create_dir_all(&root);
         Self {
             cgroup_parent: cgroup_scope(&root),
+            scope_lock: Arc::default(),
             root,
             running: Arc::default(),
         }
@@ -372,13 +376,26 @@ impl SandboxProvider {
         // Blocking work (cgroup waits, removing a big upper layer) off the async threads.
         let name = name.to_string();
         let cgroup_parent = self.cgroup_parent.clone();
+        let (root, scope_lock) = (self.root.clone(), self.scope_lock.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
             for dir in host::cgroup_dirs(&cgroup_parent, &name) {
                 host::remove_cgroup(&dir).map_err(io_err("remove cgroup"))?;
             }
             host::unmount_all_under(&job).map_err(io_err("unmount worker"))?;
             host::detach_loops_under(&job).map_err(io_err("detach the job's disk"))?;
-            host::remove_job_dir(&job).map_err(io_err("remove worker directory"))
+            host::remove_job_dir(&job).map_err(io_err("remove worker directory"))?;
+            // The last worker gone: its scope (runc makes it, never removes it) goes too.
+            let _guard = scope_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let others = fs::read_dir(&root)
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| valid_name(&e.file_name().to_string_lossy()))
+                })
+                .unwrap_or(false);
+            if !others {
+                host::remove_empty_scope(&cgroup_parent);
+            }
+            Ok(())
         })
         .await
         .map_err(|e| ProviderError::Other(format!("cleanup task: {e}")))??;
@@ -408,7 +425,11 @@ impl Provider for SandboxProvider {
         let job = self.job_dir(&name);
         // Checked before anything is made: rolling back must not destroy a worker that
         // existed before this call.
-        match fs::DirBuilder::new().mode(0o700).create(&job) {
+        let made = {
+            let _guard = self.scope_lock.lock().unwrap_or_else(|e| e.into_inner());
+            fs::DirBuilder::new().mode(0o700).create(&job)
+        };
+        match made {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(ProviderError::Spec(format!("worker {name} already exists")));

@@ -46,6 +46,13 @@ fn leaks(root: &Path, names: Option<&[String]>) -> Vec<String> {
             let Ok(groups) = fs::read_dir(controller.path().join(&scope)) else {
                 continue;
             };
+            // With every worker gone, the scope itself must be gone too.
+            if names.is_none() {
+                out.push(format!(
+                    "cgroup scope {}",
+                    controller.path().join(&scope).display()
+                ));
+            }
             for group in groups.flatten() {
                 let name = group.file_name().to_string_lossy().into_owned();
                 if group.path().is_dir() && wanted(&name) {

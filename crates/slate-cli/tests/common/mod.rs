@@ -13,20 +13,25 @@ use std::time::{Duration, Instant};
 pub const REPO: &str = "octo/hello";
 pub const SECRET: &str = "It's a Secret to Everybody";
 
-/// One busybox image shared by the tests of this binary (never written to: tests check).
+/// One busybox image shared by the tests (never written to: tests check). It lives in
+/// cargo's per-target temp dir, made once and reused, so no run leaves a copy in /tmp
+/// (a static's TempDir is never dropped).
 pub fn image() -> &'static Path {
-    static IMAGE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &IMAGE
-        .get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("slate-image-")
-                .tempdir()
-                .unwrap();
-            let root = dir.path().join("rootfs");
-            slate_testkit::image::busybox_rootfs(&root).unwrap();
-            (dir, root)
-        })
-        .1
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("busybox-rootfs");
+        if !root.join("bin/busybox").exists() {
+            // Built aside and renamed into place: a concurrent test binary either wins
+            // the rename or finds the finished image.
+            let tmp = root.with_extension(format!("tmp-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            slate_testkit::image::busybox_rootfs(&tmp).unwrap();
+            if std::fs::rename(&tmp, &root).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
+        }
+        root
+    })
 }
 
 pub fn git(dir: &Path, args: &[&str]) -> String {
@@ -575,14 +580,10 @@ impl Drop for Slate {
         if self.child.is_some() {
             self.stop();
         }
-        if !std::thread::panicking() {
-            return;
-        }
-        // On failure, make sure nothing is left mounted under the temp dir before it is removed.
-        let root = self.workers_root();
-        let _ = Command::new(slate_bin()).arg("--version").output();
+        // Whatever a failed test left mounted under its temp dir (its own workers, a
+        // second replica's, cache overlays) goes before the dir is removed.
         for m in slate_testkit::leaks::mount_points().into_iter().rev() {
-            if m.starts_with(&root) {
+            if m.starts_with(self.dir.path()) {
                 let _ = Command::new("umount").arg("-l").arg(&m).status();
             }
         }

@@ -219,6 +219,17 @@ pub fn cgroup_dirs(parent: &str, name: &str) -> Vec<PathBuf> {
     out
 }
 
+/// Remove the scope directory (`slate/<hash>`) from every hierarchy if it is empty; a
+/// scope still holding a worker's cgroup stays (rmdir refuses).
+pub fn remove_empty_scope(parent: &str) {
+    if let Ok(hierarchies) = fs::read_dir(CGROUP_ROOT) {
+        for h in hierarchies.flatten() {
+            let _ = fs::remove_dir(h.path().join(parent));
+        }
+    }
+    let _ = fs::remove_dir(Path::new(CGROUP_ROOT).join(parent));
+}
+
 /// Removes a cgroup directory and its children, killing any task still in them first
 /// (a cgroup with tasks cannot be removed).
 pub fn remove_cgroup(dir: &Path) -> io::Result<()> {
