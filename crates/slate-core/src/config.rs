@@ -4,6 +4,7 @@
 //! read by the server at startup, so nothing in this module touches the disk.
 
 use crate::duration::{parse_duration, parse_size};
+use crate::located::{key_at, line_col};
 use serde::Deserialize;
 use serde_spanned::Spanned;
 use std::collections::{BTreeMap, HashSet};
@@ -1373,57 +1374,6 @@ fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && s != "."
         && s != ".."
-}
-
-/// 1-based line and column of byte offset `pos`.
-fn line_col(text: &str, pos: usize) -> (usize, usize) {
-    let pos = pos.min(text.len());
-    let before = &text[..pos];
-    let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
-    (line, col)
-}
-
-/// Best-effort dotted key for a TOML parser error: the enclosing table header plus the
-/// key the span sits on (or whose value it sits in).
-fn key_at(text: &str, span: &Range<usize>) -> String {
-    let start = span.start.min(text.len());
-    let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let line_end = text[start..]
-        .find('\n')
-        .map(|i| start + i)
-        .unwrap_or(text.len());
-    let line = &text[line_start..line_end];
-    let upto = &text[line_start..start];
-    // The key is the identifier before the nearest '=' left of the span, or the span itself.
-    let span_text = text[start..span.end.min(text.len()).max(start)].trim();
-    let key = if let Some(eq) = upto.rfind('=') {
-        upto[..eq]
-            .trim_end()
-            .rsplit(|c: char| c == '{' || c == ',' || c.is_whitespace())
-            .next()
-            .unwrap_or("")
-            .to_string()
-    } else if !span_text.is_empty() && !span_text.starts_with('[') {
-        span_text.trim_matches('"').to_string()
-    } else {
-        line.split('=').next().unwrap_or("").trim().to_string()
-    };
-    let header = text[..line_start]
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('['))
-        .map(|l| l.trim().trim_matches(|c| c == '[' || c == ']').to_string());
-    match (header, key.is_empty()) {
-        (Some(h), false) if !line.trim_start().starts_with('[') => format!("{h}.{key}"),
-        (Some(h), true) => h,
-        (_, _) => key,
-    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod domain;
 pub mod duration;
+pub mod located;
 pub mod macports;
 pub mod planner;
 pub mod secret;

@@ -15,42 +15,11 @@ use std::time::Duration;
 /// Debian's mirror, the default for a debootstrap base.
 pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
-/// One recipe problem, located in the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecipeError {
-    pub file: String,
-    pub line: usize,
-    pub column: usize,
-    /// Dotted key path, e.g. `files[1].mode`.
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for RecipeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: key `{}`: {}",
-            self.file, self.line, self.column, self.key, self.message
-        )
-    }
-}
-
+/// One recipe problem, located in the file (the same shape as `slate.toml`'s errors).
+pub use slate_core::config::ConfigError as RecipeError;
 /// Every problem found in a recipe.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct RecipeErrors(pub Vec<RecipeError>);
-
-impl fmt::Display for RecipeErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
+pub use slate_core::config::ConfigErrors as RecipeErrors;
+use slate_core::located::{key_at, line_col};
 
 /// Where the image's root filesystem starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -566,60 +535,4 @@ fn key_span(text: &str, key: &str) -> Range<usize> {
         pos += line.len();
     }
     0..0
-}
-
-// Same located-error helpers as slate-core's config (private there).
-fn line_col(text: &str, pos: usize) -> (usize, usize) {
-    let pos = pos.min(text.len());
-    let before = &text[..pos];
-    let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
-    (line, col)
-}
-
-/// Best-effort dotted key for a TOML parser error: the enclosing table header plus the
-/// key the span sits on (or whose value it sits in).
-fn key_at(text: &str, span: &Range<usize>) -> String {
-    let start = span.start.min(text.len());
-    let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let line_end = text[start..]
-        .find('\n')
-        .map(|i| start + i)
-        .unwrap_or(text.len());
-    let line = &text[line_start..line_end];
-    let upto = &text[line_start..start];
-    let span_text = text[start..span.end.min(text.len()).max(start)].trim();
-    let key = if !span_text.is_empty()
-        && !span_text.starts_with('[')
-        && !span_text.starts_with('{')
-        && !span_text.starts_with('"')
-        && !upto.trim_end().ends_with('=')
-    {
-        // The span is a key itself (e.g. an unknown field).
-        span_text.to_string()
-    } else if let Some(eq) = upto.rfind('=') {
-        upto[..eq]
-            .trim_end()
-            .rsplit(|c: char| c == '{' || c == ',' || c.is_whitespace())
-            .next()
-            .unwrap_or("")
-            .to_string()
-    } else {
-        line.split('=').next().unwrap_or("").trim().to_string()
-    };
-    let header = text[..line_start]
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('['))
-        .map(|l| l.trim().trim_matches(|c| c == '[' || c == ']').to_string());
-    match (header, key.is_empty()) {
-        (Some(h), false) if !line.trim_start().starts_with('[') => format!("{h}.{key}"),
-        (Some(h), true) => h,
-        (_, _) => key,
-    }
 }
