@@ -3,21 +3,18 @@
 
 use slate_core::config::{Limits, Network};
 use slate_core::{JobId, Secret};
-use slate_proto::{AgentMsg, JobSpec, ServerMsg, StepSpec};
 use slate_provider::qemu::Accel;
 use slate_provider::{
     Provider, ProviderError, QemuConfig, QemuProvider, Worker, WorkerMount, WorkerSpec,
 };
 use slate_testkit::vm_image::{broken_vm_image, sha256_file, vm_image, MARKER};
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 
 /// Generous for TCG on 2 shared cores (a boot to the agent takes ~6 s alone).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -145,82 +142,7 @@ fn qemu_processes(name: &str) -> Vec<(i32, String)> {
 
 // --- a fake server speaking the agent protocol with slate_proto's types ---
 
-async fn read_msg(s: &mut UnixStream) -> Result<AgentMsg, String> {
-    let mut frame = vec![0u8; 4];
-    s.read_exact(&mut frame).await.map_err(|e| e.to_string())?;
-    let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
-    frame.resize(4 + len, 0);
-    s.read_exact(&mut frame[4..])
-        .await
-        .map_err(|e| e.to_string())?;
-    slate_proto::read_frame(&mut &frame[..]).map_err(|e| e.to_string())
-}
-
-async fn write_msg(s: &mut UnixStream, m: &ServerMsg) -> Result<(), String> {
-    let frame = slate_proto::encode(m).map_err(|e| e.to_string())?;
-    s.write_all(&frame).await.map_err(|e| e.to_string())
-}
-
-/// What the fake server saw of one job.
-#[derive(Debug)]
-struct Seen {
-    token: String,
-    output: String,
-    success: bool,
-}
-
-/// Accepts qemu's connection, waits up to `boot_timeout` for the agent's hello, hands it
-/// one step running `script` in /workspace, and collects its output until `Done`.
-async fn serve_one_job(
-    listener: UnixListener,
-    script: &str,
-    boot_timeout: Duration,
-) -> Result<Seen, String> {
-    let deadline = tokio::time::Instant::now() + boot_timeout;
-    let (mut s, _) = tokio::time::timeout_at(deadline, listener.accept())
-        .await
-        .map_err(|_| "qemu never connected".to_string())?
-        .map_err(|e| e.to_string())?;
-    let hello = tokio::time::timeout_at(deadline, read_msg(&mut s))
-        .await
-        .map_err(|_| "boot timeout: no hello".to_string())??;
-    let AgentMsg::Hello { token, .. } = hello else {
-        return Err(format!("expected hello, got {hello:?}"));
-    };
-    let job = JobSpec {
-        job_id: 1,
-        workdir: "/workspace".into(),
-        env: BTreeMap::from([("PATH".into(), "/usr/local/bin:/bin:/sbin".into())]),
-        steps: vec![StepSpec {
-            name: "main".into(),
-            run: script.into(),
-            timeout_ms: None,
-            allow_failure: false,
-            env: BTreeMap::new(),
-        }],
-    };
-    write_msg(&mut s, &ServerMsg::Welcome { job }).await?;
-    let mut output = Vec::new();
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(60), read_msg(&mut s))
-            .await
-            .map_err(|_| "no message for 60 s".to_string())??;
-        match m {
-            AgentMsg::Output { seq, data, .. } => {
-                output.extend(data);
-                write_msg(&mut s, &ServerMsg::Ack { seq }).await?;
-            }
-            AgentMsg::Done { success } => {
-                return Ok(Seen {
-                    token,
-                    output: String::from_utf8_lossy(&output).into_owned(),
-                    success,
-                })
-            }
-            _ => {}
-        }
-    }
-}
+use slate_testkit::fake_agent::{serve_one_job, Seen};
 
 /// Provisions `spec` and runs `script` as its one step; panics with the console on failure.
 async fn run_job(p: &QemuProvider, spec: WorkerSpec, script: &str) -> (Worker, Seen) {

@@ -2,6 +2,7 @@
 //! fixture payloads, a tiny busybox image, the static agent binary, leak checks.
 
 pub mod agent_bin;
+pub mod fake_agent;
 pub mod github;
 pub mod image;
 pub mod leaks;

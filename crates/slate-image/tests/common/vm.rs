@@ -3,15 +3,13 @@
 
 use slate_core::config::{Limits, Network};
 use slate_core::{JobId, Secret};
-use slate_proto::{AgentMsg, JobSpec, ServerMsg, StepSpec};
 use slate_provider::qemu::Accel;
 use slate_provider::{Provider, QemuConfig, QemuProvider, WorkerSpec};
-use std::collections::BTreeMap;
+use slate_testkit::fake_agent::serve_one_job;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 
 /// Generous for TCG on 2 shared cores.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,76 +36,6 @@ impl Drop for Workers {
         })
         .join()
         .ok();
-    }
-}
-
-// --- a fake server speaking the agent protocol (as in slate-provider's tests/qemu.rs) ---
-
-async fn read_msg(s: &mut UnixStream) -> Result<AgentMsg, String> {
-    let mut frame = vec![0u8; 4];
-    s.read_exact(&mut frame).await.map_err(|e| e.to_string())?;
-    let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
-    frame.resize(4 + len, 0);
-    s.read_exact(&mut frame[4..])
-        .await
-        .map_err(|e| e.to_string())?;
-    slate_proto::read_frame(&mut &frame[..]).map_err(|e| e.to_string())
-}
-
-async fn write_msg(s: &mut UnixStream, m: &ServerMsg) -> Result<(), String> {
-    let frame = slate_proto::encode(m).map_err(|e| e.to_string())?;
-    s.write_all(&frame).await.map_err(|e| e.to_string())
-}
-
-/// Accepts qemu's connection, waits for the agent's hello, runs `script` as one step and
-/// returns (token, output, success).
-async fn serve_one_job(
-    listener: UnixListener,
-    script: &str,
-) -> Result<(String, String, bool), String> {
-    let deadline = tokio::time::Instant::now() + BOOT_TIMEOUT;
-    let (mut s, _) = tokio::time::timeout_at(deadline, listener.accept())
-        .await
-        .map_err(|_| "qemu never connected".to_string())?
-        .map_err(|e| e.to_string())?;
-    let hello = tokio::time::timeout_at(deadline, read_msg(&mut s))
-        .await
-        .map_err(|_| "boot timeout: no hello".to_string())??;
-    let AgentMsg::Hello { token, .. } = hello else {
-        return Err(format!("expected hello, got {hello:?}"));
-    };
-    let job = JobSpec {
-        job_id: 1,
-        workdir: "/workspace".into(),
-        env: BTreeMap::from([("PATH".into(), "/usr/local/bin:/bin:/sbin".into())]),
-        steps: vec![StepSpec {
-            name: "main".into(),
-            run: script.into(),
-            timeout_ms: None,
-            allow_failure: false,
-            env: BTreeMap::new(),
-        }],
-    };
-    write_msg(&mut s, &ServerMsg::Welcome { job }).await?;
-    let mut output = Vec::new();
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(60), read_msg(&mut s))
-            .await
-            .map_err(|_| "no message for 60 s".to_string())??;
-        match m {
-            AgentMsg::Output { seq, data, .. } => {
-                output.extend(data);
-                write_msg(&mut s, &ServerMsg::Ack { seq }).await?;
-            }
-            AgentMsg::Done { success } => {
-                return Ok((
-                    token,
-                    String::from_utf8_lossy(&output).into_owned(),
-                    success,
-                ))
-            }
-            _ => {}
-        }
     }
 }
 
@@ -161,15 +89,16 @@ async fn boot_and_run_async(
     let name = job_id.resource_name();
     let listener = UnixListener::bind(&spec.agent_socket).unwrap();
     let script = script.to_string();
-    let server = tokio::spawn(async move { serve_one_job(listener, &script).await });
+    let server = tokio::spawn(async move { serve_one_job(listener, &script, BOOT_TIMEOUT).await });
     let started = Instant::now();
     let mut worker = provider.provision(spec).await.unwrap();
     let console =
         |w: &slate_provider::Worker| fs::read_to_string(&w.console_log).unwrap_or_default();
-    let (seen_token, output, success) = server
+    let seen = server
         .await
         .unwrap()
         .unwrap_or_else(|e| panic!("{e}; console:\n{}", console(&worker)));
+    let (seen_token, output, success) = (seen.token, seen.output, seen.success);
     eprintln!("boot to done: {} ms", started.elapsed().as_millis());
     // slate-init powers the VM off when the agent exits.
     let console_log = worker.console_log.clone();
