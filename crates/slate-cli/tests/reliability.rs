@@ -474,3 +474,78 @@ fn a_worker_that_dies_mid_step_is_retried_on_a_fresh_one() {
     s.assert_no_leaks();
     s.shutdown_clean();
 }
+
+#[test]
+fn a_hanging_exec_create_hook_is_killed_retried_once_then_errors() {
+    let hooks = tempfile::Builder::new()
+        .prefix("slate-rel-hang-")
+        .tempdir()
+        .unwrap();
+    let h = hooks.path();
+    // The hook's child would outlive a kill of the hook alone: it must go with the group.
+    write_script(
+        &h.join("create.sh"),
+        "#!/bin/sh\necho started >> \"$SLATE_WORKER_DIR/../creates\"\nsleep 1000 &\necho $! > \"$SLATE_WORKER_DIR/../sleeper.$$\"\nwait\n",
+    );
+    write_script(&h.join("destroy.sh"), "#!/bin/sh\nexit 0\n");
+    write_script(&h.join("list.sh"), "#!/bin/sh\nexit 0\n");
+    let s = Slate::start(Options {
+        provider: "exec".into(),
+        server_extra: format!("agent_listen = \"127.0.0.1:{}\"", free_port()),
+        pool_limits: r#"{ timeout = "2m" }"#.into(),
+        pool_extra: format!(
+            r#"workdir = "/tmp"
+attempts = 2
+[pool.exec]
+create = ["/bin/sh", "{h}/create.sh"]
+destroy = ["/bin/sh", "{h}/destroy.sh"]
+list = ["/bin/sh", "{h}/list.sh"]
+hook_timeout = "2s"
+"#,
+            h = h.display()
+        ),
+        ..Default::default()
+    });
+    let id = open_pr(&s, 1, "greeting.txt", "hang\n");
+    let job = s.wait_terminal(id);
+    let log = s.log(id);
+    assert_eq!(job["state"], "error", "{job:#}\n{log}");
+    assert_eq!(
+        job["attempt"], 2,
+        "retried once on a fresh machine: {job:#}"
+    );
+    assert!(log.contains("retrying on a fresh worker"), "{log}");
+    // Both hook runs, and every process they started, are gone.
+    let root = s.data.join("exec-workers").join("busybox");
+    let creates = std::fs::read_to_string(root.join("creates")).unwrap_or_default();
+    assert_eq!(creates.lines().count(), 2, "{creates}");
+    for e in std::fs::read_dir(&root).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(_hook_pid) = name.strip_prefix("sleeper.") {
+            let pid = std::fs::read_to_string(e.path()).unwrap();
+            // SIGKILL is delivered asynchronously, and a dead orphan is a zombie until
+            // init reaps it: alive means a state other than zombie after a moment.
+            let status = format!("/proc/{}/status", pid.trim());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let alive = loop {
+                let st = std::fs::read_to_string(&status).unwrap_or_default();
+                let running = st
+                    .lines()
+                    .any(|l| l.starts_with("State:") && !l.contains('Z'));
+                if !running || Instant::now() > deadline {
+                    break running;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            if alive {
+                eprintln!("{}", std::fs::read_to_string(&status).unwrap_or_default());
+            }
+            assert!(
+                !alive,
+                "the hook's child {} outlived the timeout",
+                pid.trim()
+            );
+        }
+    }
+    s.shutdown_clean();
+}
