@@ -17,8 +17,9 @@ say "installing system packages (runc, debootstrap, git, curl, openssl)"
 say "building slate and the static agent"
 cd "$ROOT"
 cargo build --release -p slate-cli
-"$ROOT/scripts/build-agent.sh" "$ROOT/target/release/slate-agent"
-SLATE="$ROOT/target/release/slate"
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+"$ROOT/scripts/build-agent.sh" "$TARGET/release/slate-agent"
+SLATE="$TARGET/release/slate"
 
 mkdir -p "$DEMO"
 IMAGE="$DEMO/images/$SUITE"
