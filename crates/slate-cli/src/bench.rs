@@ -600,6 +600,7 @@ fn bench_spec(image: &Path, agent: &Path, sock: &Path, n: i64) -> WorkerSpec {
             disk_bytes: None,
         },
         network: Network::None,
+        network_allow: Vec::new(),
         runtime: "runc".into(),
         mounts: Vec::new(),
     }

@@ -10,6 +10,7 @@ use serde_spanned::Spanned;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::ops::Range;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -239,6 +240,12 @@ pub enum PlannerKind {
 pub enum Network {
     /// Loopback only.
     None,
+    /// Outbound connections only. Sandbox: its own network namespace behind NAT; the
+    /// host's addresses and private, loopback, link-local and other non-public ranges
+    /// are dropped, except the pool's `network_allow` endpoints. qemu: user-mode
+    /// networking with `restrict=on`, so only the `network_allow` endpoints (forwarded
+    /// into the guest) are reachable.
+    Egress,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -262,6 +269,9 @@ pub struct PoolConfig {
     pub max_jobs: u32,
     pub limits: Limits,
     pub network: Network,
+    /// `ip:port` endpoints a job with `network = "egress"` may reach even though they are
+    /// on the host or in a private range (a package proxy, say).
+    pub network_allow: Vec<SocketAddr>,
     /// OCI runtime binary (`runc`, `crun`, `runsc`…).
     pub runtime: String,
     /// How many times a job may run when its worker fails (provisioning error, agent
@@ -483,6 +493,7 @@ struct RawPool {
     max_jobs: Option<Spanned<i64>>,
     limits: Option<RawLimits>,
     network: Option<Spanned<String>>,
+    network_allow: Option<Spanned<Vec<Spanned<String>>>>,
     runtime: Option<String>,
     attempts: Option<Spanned<i64>>,
     boot_timeout: Option<Spanned<String>>,
@@ -762,15 +773,50 @@ impl Validator<'_> {
             let network = match &p.network {
                 None => Network::None,
                 Some(s) if s.get_ref() == "none" => Network::None,
+                Some(s) if s.get_ref() == "egress" => Network::Egress,
                 Some(s) => {
                     self.err(
                         s.span(),
                         key("network"),
-                        format!("expected \"none\", found {:?}", s.get_ref()),
+                        format!("expected \"none\" or \"egress\", found {:?}", s.get_ref()),
                     );
                     Network::None
                 }
             };
+            if network == Network::Egress
+                && !matches!(provider, ProviderKind::Sandbox | ProviderKind::Qemu)
+            {
+                if let Some(s) = &p.network {
+                    self.err(
+                        s.span(),
+                        key("network"),
+                        "network = \"egress\" is for provider = \"sandbox\" or \"qemu\" (exec and libvirt machines get their network from the operator)",
+                    );
+                }
+            }
+            let mut network_allow = Vec::new();
+            if let Some(list) = &p.network_allow {
+                if network != Network::Egress {
+                    self.err(
+                        list.span(),
+                        key("network_allow"),
+                        "network_allow needs network = \"egress\"",
+                    );
+                }
+                for entry in list.get_ref() {
+                    match entry.get_ref().parse::<SocketAddr>() {
+                        Ok(a) if a.port() != 0 => network_allow.push(a),
+                        _ => self.err(
+                            entry.span(),
+                            key("network_allow"),
+                            format!(
+                                "expected an ip:port endpoint (e.g. \"10.0.0.5:3128\"), found {:?}",
+                                entry.get_ref()
+                            ),
+                        ),
+                    }
+                }
+            }
             let max_jobs = match &p.max_jobs {
                 None => 1,
                 Some(m) if *m.get_ref() >= 1 && *m.get_ref() <= 10_000 => *m.get_ref() as u32,
@@ -1083,6 +1129,7 @@ impl Validator<'_> {
                 max_jobs,
                 limits,
                 network,
+                network_allow,
                 runtime: p.runtime.unwrap_or_else(|| "runc".into()),
                 attempts,
                 boot_timeout,
@@ -1642,6 +1689,42 @@ steps = [{ name = "install", run = "mpbb install-port {port}" }]
         assert!(e.0[0].message.contains("create"), "{e}");
         let bad = text.replace("warm = 1", "warm = 1\nprovider_typo = 2");
         assert!(Config::parse(&bad, "x.toml").is_err());
+    }
+
+    #[test]
+    fn network_modes_parse_and_are_located() {
+        let pool = |extra: &str, provider: &str| {
+            format!(
+                "[[pool]]\nname = \"p\"\nprovider = \"{provider}\"\nimage = \"/img\"\n{extra}\n[[pipeline]]\nname = \"d\"\npools = [\"p\"]\nsteps = [{{ name = \"s\", run = \"true\" }}]\n"
+            )
+        };
+        let c = Config::parse(&pool("", "sandbox"), "x.toml").unwrap();
+        assert_eq!(c.pools[0].network, Network::None);
+        let text = pool(
+            "network = \"egress\"\nnetwork_allow = [\"10.0.0.5:3128\", \"[fd00::1]:80\"]",
+            "sandbox",
+        );
+        let c = Config::parse(&text, "x.toml").unwrap();
+        assert_eq!(c.pools[0].network, Network::Egress);
+        assert_eq!(
+            c.pools[0].network_allow,
+            vec![
+                "10.0.0.5:3128".parse::<SocketAddr>().unwrap(),
+                "[fd00::1]:80".parse().unwrap()
+            ]
+        );
+        for (extra, provider, key, line, needle) in [
+            ("network = \"bridge\"", "sandbox", "pool[0].network", 5, "egress"),
+            ("network = \"egress\"", "exec", "pool[0].network", 5, "sandbox"),
+            ("network_allow = [\"10.0.0.5:3128\"]", "sandbox", "pool[0].network_allow", 5, "needs"),
+            ("network = \"egress\"\nnetwork_allow = [\"proxy:3128\"]", "qemu", "pool[0].network_allow", 6, "ip:port"),
+            ("network = \"egress\"\nnetwork_allow = [\"10.0.0.5\"]", "qemu", "pool[0].network_allow", 6, "ip:port"),
+        ] {
+            let e = Config::parse(&pool(extra, provider), "x.toml").unwrap_err();
+            assert_eq!(e.0[0].key, key, "{extra}: {e}");
+            assert_eq!(e.0[0].line, line, "{extra}: {e}");
+            assert!(e.0[0].message.contains(needle), "{extra}: {e}");
+        }
     }
 
     #[test]

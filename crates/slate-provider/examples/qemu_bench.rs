@@ -179,6 +179,7 @@ async fn main() {
                 disk_bytes: None,
             },
             network: Network::None,
+            network_allow: Vec::new(),
             runtime: String::new(),
             mounts: Vec::new(),
         };

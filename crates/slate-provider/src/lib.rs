@@ -56,6 +56,9 @@ pub struct WorkerSpec {
     pub agent_token: Secret,
     pub limits: Limits,
     pub network: Network,
+    /// With [`Network::Egress`]: endpoints reachable even though they are on the host or
+    /// in a private range.
+    pub network_allow: Vec<std::net::SocketAddr>,
     /// OCI runtime binary (`runc` by default).
     pub runtime: String,
     /// Host directories bind-mounted into the worker (shared caches), in order.

@@ -457,6 +457,11 @@ impl Provider for LibvirtProvider {
         let name = spec.job_id.resource_name();
         match spec.network {
             Network::None => {}
+            Network::Egress => {
+                return Err(ProviderError::Spec(
+                    "network = \"egress\" is not supported by the libvirt provider yet".into(),
+                ))
+            }
         }
         fs::DirBuilder::new()
             .recursive(true)

@@ -519,6 +519,11 @@ impl Provider for QemuProvider {
         let name = spec.job_id.resource_name();
         match spec.network {
             Network::None => {}
+            Network::Egress => {
+                return Err(ProviderError::Spec(
+                    "network = \"egress\" is not supported by the qemu provider yet".into(),
+                ))
+            }
         }
         // Refused before anything exists, so a bad spec leaves nothing behind.
         let shares = cache_shares(&spec.mounts)?;

@@ -414,6 +414,11 @@ impl Provider for SandboxProvider {
         let name = spec.job_id.resource_name();
         match spec.network {
             Network::None => {}
+            Network::Egress => {
+                return Err(ProviderError::Spec(
+                    "network = \"egress\" is not supported by the sandbox provider yet".into(),
+                ))
+            }
         }
         for dir in [self.root.clone(), self.root.join(".runc")] {
             fs::DirBuilder::new()

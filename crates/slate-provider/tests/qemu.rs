@@ -79,6 +79,7 @@ impl Fixture {
                 disk_bytes: None,
             },
             network: Network::None,
+            network_allow: Vec::new(),
             runtime: String::new(),
             mounts: Vec::new(),
         }

@@ -72,6 +72,7 @@ impl Fixture {
                 disk_bytes: None,
             },
             network: Network::None,
+            network_allow: Vec::new(),
             runtime: "runc".into(),
             mounts: Vec::new(),
         }

@@ -450,6 +450,7 @@ async fn run(
         agent_token: slate_core::Secret::new(token.clone()),
         limits: pool.limits.clone(),
         network: pool.network,
+        network_allow: pool.network_allow.clone(),
         runtime: pool.runtime.clone(),
         mounts,
     };

@@ -83,6 +83,7 @@ async fn boot_and_run_async(
             disk_bytes: None,
         },
         network: Network::None,
+        network_allow: Vec::new(),
         runtime: String::new(),
         mounts: Vec::new(),
     };
