@@ -33,7 +33,7 @@ const CONNECT_FOR: Duration = Duration::from_secs(10);
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "\
-usage: slate-agent --connect ADDR [--heartbeat-ms N]
+usage: slate-agent --connect ADDR [--heartbeat-ms N] [--prepare PATH]
 
 Dials the slate server, authenticates with the job token in $SLATE_AGENT_TOKEN,
 runs the job's steps and streams their output.
@@ -41,6 +41,9 @@ runs the job's steps and streams their output.
   --connect ADDR     unix:PATH | tcp:HOST:PORT | /dev/PATH (a character device,
                      e.g. a virtio-serial port)
   --heartbeat-ms N   interval of heartbeats (default 5000)
+  --prepare PATH     run PATH once the job is known, before its first step (a VM
+                     mounts the job's source and caches there: a warm VM boots
+                     before its job exists); if it fails, the agent exits with 3
   -h, --help         this text
   -V, --version      the agent's version
 
@@ -50,6 +53,7 @@ exit codes: 0 job ran, 2 rejected, 3 connection lost, 4 usage error
 struct Args {
     connect: Addr,
     heartbeat: Duration,
+    prepare: Option<std::path::PathBuf>,
 }
 
 enum Parsed {
@@ -61,6 +65,7 @@ enum Parsed {
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, String> {
     let mut connect = None;
     let mut heartbeat = Duration::from_secs(5);
+    let mut prepare = None;
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
             Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
@@ -81,11 +86,16 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, String> 
                 let ms: u64 = v.parse().map_err(|_| format!("bad --heartbeat-ms {v:?}"))?;
                 heartbeat = Duration::from_millis(ms.max(1));
             }
+            "--prepare" => prepare = Some(value("--prepare")?.into()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     let connect = connect.ok_or("--connect is required")?;
-    Ok(Parsed::Run(Args { connect, heartbeat }))
+    Ok(Parsed::Run(Args {
+        connect,
+        heartbeat,
+        prepare,
+    }))
 }
 
 fn main() -> ExitCode {
@@ -137,6 +147,25 @@ fn run(token: Option<String>) -> u8 {
             return EXIT_LOST;
         }
     };
+    if let Some(prepare) = &args.prepare {
+        // Its output goes where the agent's stderr goes (a VM's console), which the server
+        // shows when the worker fails; a failed prepare leaves the job without its tree.
+        match std::process::Command::new(prepare)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::inherit())
+            .status()
+        {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                eprintln!("slate-agent: {} failed: {s}", prepare.display());
+                return EXIT_LOST;
+            }
+            Err(e) => {
+                eprintln!("slate-agent: cannot run {}: {e}", prepare.display());
+                return EXIT_LOST;
+            }
+        }
+    }
     let link = match Link::start(conn, args.connect, token, args.heartbeat) {
         Ok(l) => l,
         Err(e) => {
@@ -184,6 +213,11 @@ mod tests {
         };
         assert_eq!(a.connect, Addr::Unix("/s".into()));
         assert_eq!(a.heartbeat, Duration::from_millis(100));
+        assert_eq!(a.prepare, None);
+        let Ok(Parsed::Run(a)) = parse(&["--connect", "unix:/s", "--prepare", "/run/p"]) else {
+            panic!()
+        };
+        assert_eq!(a.prepare, Some("/run/p".into()));
         assert!(matches!(
             parse(&["--connect=tcp:1.2.3.4:5"]),
             Ok(Parsed::Run(_))

@@ -660,3 +660,55 @@ fn raw_pty() -> (std::fs::File, String, std::fs::File) {
         )
     }
 }
+
+#[test]
+fn prepare_runs_after_welcome_and_before_the_first_step() {
+    let srv = Server::new();
+    let marker = srv.path("prepared");
+    let script = srv.path("prepare.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho prepared > {}\n", marker.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &script,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let job = srv.job(vec![step("s", &format!("cat {}", marker.display()))]);
+    let connect = format!("unix:{}", srv.sock.display());
+    let args = ["--connect", &connect, "--prepare", script.to_str().unwrap()];
+    let mut child = srv.spawn_agent_args(&args, &[]);
+    let mut conn = srv.accept();
+    assert!(matches!(conn.recv(), AgentMsg::Hello { .. }));
+    // Not before the job is known: a warm VM's tree is bound only then.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!marker.exists(), "prepare ran before Welcome");
+    conn.send(&ServerMsg::Welcome { job });
+    let msgs = conn.until_done(Instant::now(), |_| None);
+    let run = Run {
+        hello: AgentMsg::Heartbeat,
+        msgs,
+        code: wait_exit(&mut child, Duration::from_secs(15)),
+        stderr: srv.agent_stderr(),
+    };
+    assert_eq!(run.code, 0, "agent stderr: {}", run.stderr);
+    assert_eq!(run.stdout(0), "prepared\n");
+    assert_eq!(run.done(), Some(true));
+}
+
+#[test]
+fn a_failing_prepare_runs_no_step_and_exits_3() {
+    let srv = Server::new();
+    let marker = srv.path("ran");
+    let job = srv.job(vec![step("s", &format!("touch {}", marker.display()))]);
+    let connect = format!("unix:{}", srv.sock.display());
+    let mut child = srv.spawn_agent_args(&["--connect", &connect, "--prepare", "/bin/false"], &[]);
+    let mut conn = srv.accept();
+    assert!(matches!(conn.recv(), AgentMsg::Hello { .. }));
+    conn.send(&ServerMsg::Welcome { job });
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), 3);
+    assert!(!marker.exists(), "a step ran after a failed prepare");
+    assert!(srv.agent_stderr().contains("/bin/false failed"), "{}", srv.agent_stderr());
+}

@@ -103,30 +103,45 @@ mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 hostname slate-vm
-# The source tree: read-only 9p below, tmpfs above, so steps can write.
-mkdir -p /run/ws/lower /run/ws/upper /run/ws/work /workspace
-if mount -t 9p -o trans=virtio,version=9p2000.L,ro workspace /run/ws/lower 2>/dev/null; then
-  mount -t overlay overlay -o lowerdir=/run/ws/lower,upperdir=/run/ws/upper,workdir=/run/ws/work /workspace \
-    || echo "slate-vm: cannot mount the workspace overlay"
+# Shares are mounted by /run/slate/prepare, which the agent runs once the job is known
+# (a warm VM boots before its job exists). fw_cfg goes away with the token below, so
+# what prepare needs of it is copied now.
+mkdir -p /run/slate
+fw=/sys/firmware/qemu_fw_cfg/by_name/opt/slate
+[ -r $fw/mounts/raw ] && cat $fw/mounts/raw > /run/slate/mounts
+[ -e $fw/late/raw ] && : > /run/slate/late
+cat > /run/slate/prepare <<'PREPARE'
+#!/usr/local/lib/slate/busybox sh
+export PATH=/usr/local/lib/slate/bin
+# The source tree: read-only 9p below, tmpfs above, so steps can write. In a warm VM
+# every share's content is bound (by slate, on the host) into its job/ subdirectory.
+sub=
+[ -e /run/slate/late ] && sub=/job
+mkdir -p /run/ws/9p /run/ws/upper /run/ws/work /workspace
+if mount -t 9p -o trans=virtio,version=9p2000.L,ro workspace /run/ws/9p 2>/dev/null; then
+  mount -t overlay overlay -o lowerdir=/run/ws/9p$sub,upperdir=/run/ws/upper,workdir=/run/ws/work /workspace \
+    || { echo "slate-vm: cannot mount the workspace overlay"; exit 1; }
 fi
 # Shared caches: "<9p tag> <target> ro|rw" lines. Missing caches would make a job's writes
-# vanish silently, so a cache that cannot be mounted stops the VM.
-mntfile=/sys/firmware/qemu_fw_cfg/by_name/opt/slate/mounts/raw
-if [ -r $mntfile ]; then
-  while read -r tag target mode; do
-    [ -n "$tag" ] || continue
-    case "$mode" in
-      ro) opts=trans=virtio,version=9p2000.L,ro ;;
-      rw) opts=trans=virtio,version=9p2000.L ;;
-      *) echo "slate-vm: bad mode '$mode' for cache $tag"; poweroff -f ;;
-    esac
-    if mkdir -p "$target" && mount -t 9p -o "$opts" "$tag" "$target"; then
-      echo "slate-vm: cache $tag at $target ($mode)"
-    else
-      echo "slate-vm: cannot mount cache $tag at $target"; poweroff -f
-    fi
-  done < $mntfile
-fi
+# vanish silently, so a cache that cannot be mounted fails the job's worker.
+[ -r /run/slate/mounts ] || exit 0
+while read -r tag target mode; do
+  [ -n "$tag" ] || continue
+  case "$mode" in
+    ro) opts=trans=virtio,version=9p2000.L,ro ;;
+    rw) opts=trans=virtio,version=9p2000.L ;;
+    *) echo "slate-vm: bad mode '$mode' for cache $tag"; exit 1 ;;
+  esac
+  if [ -z "$sub" ]; then
+    mkdir -p "$target" && mount -t 9p -o "$opts" "$tag" "$target"
+  else
+    mkdir -p "/run/9p/$tag" "$target" && mount -t 9p -o "$opts" "$tag" "/run/9p/$tag" \
+      && mount --bind "/run/9p/$tag$sub" "$target"
+  fi || { echo "slate-vm: cannot mount cache $tag at $target"; exit 1; }
+  echo "slate-vm: cache $tag at $target ($mode)"
+done < /run/slate/mounts
+PREPARE
+chmod 700 /run/slate/prepare
 tokfile=/sys/firmware/qemu_fw_cfg/by_name/opt/slate/token/raw
 [ -r $tokfile ] || { echo "slate-vm: no token in fw_cfg"; poweroff -f; }
 token=$(cat $tokfile)
@@ -145,7 +160,7 @@ while [ -z "$port" ]; do
 done
 echo "slate-vm: starting agent on $port"
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-  SLATE_AGENT_TOKEN="$token" /usr/local/bin/slate-agent --connect "$port"
+  SLATE_AGENT_TOKEN="$token" /usr/local/bin/slate-agent --connect "$port" --prepare /run/slate/prepare
 echo "slate-vm: agent exited with $?"
 token=
 poweroff -f

@@ -28,6 +28,9 @@
 //! shows `-name slate-<id>` and a path inside this provider's root.
 
 mod host;
+mod warm;
+
+pub use warm::{valid_warm_name, WarmTemplate};
 
 use crate::sandbox::valid_name;
 use crate::{Provider, ProviderError, Result, Worker, WorkerMount, WorkerSpec};
@@ -64,6 +67,8 @@ pub const TOKEN_FW_CFG: &str = "opt/slate/token";
 pub const WORKSPACE_TAG: &str = "workspace";
 /// fw_cfg entry listing the shared-cache mounts, one `<tag> <target> ro|rw` line each.
 pub const MOUNTS_FW_CFG: &str = "opt/slate/mounts";
+/// fw_cfg entry present when every share's content is in its `job/` subdirectory.
+pub const LATE_FW_CFG: &str = "opt/slate/late";
 /// 9p mount tag of `spec.mounts[i]` is this prefix followed by `i`.
 pub const CACHE_TAG_PREFIX: &str = "slate-cache-";
 /// Each mount is a PCI device; the `pc` machine has 32 slots in all.
@@ -119,6 +124,28 @@ struct Running {
     /// Asks the waiter task to SIGKILL qemu itself.
     kill: oneshot::Sender<()>,
     exited: watch::Receiver<Option<i32>>,
+    /// A warm VM's relay between its agent and the job's socket, stopped with the VM.
+    proxy: Option<tokio::task::AbortHandle>,
+}
+
+/// What one qemu process is started with.
+struct Boot<'a> {
+    /// `-name`: the worker (`slate-<id>`) or warm VM (`warm-<hex>`) name.
+    name: &'a str,
+    dir: &'a Path,
+    /// The image directory, resolved.
+    image: &'a Path,
+    memory_mb: u64,
+    cpus: u32,
+    /// The socket qemu connects the agent's port to.
+    agent_socket: &'a Path,
+    token: &'a str,
+    /// Host directory shared as the `workspace` tag.
+    workspace: Option<&'a Path>,
+    shares: &'a [CacheShare],
+    /// The shares are stubs whose content is bound into their `job/` subdirectory once a
+    /// job takes the VM (warm VMs); fw_cfg `opt/slate/late` tells the guest.
+    late: bool,
 }
 
 /// Runs each worker as a qemu VM on a qcow2 overlay of the pool's base disk.
@@ -127,6 +154,7 @@ pub struct QemuProvider {
     cfg: QemuConfig,
     accel: OnceCell<Accel>,
     running: Arc<Mutex<HashMap<String, Running>>>,
+    warm: Arc<warm::WarmState>,
 }
 
 impl QemuProvider {
@@ -139,6 +167,7 @@ impl QemuProvider {
             cfg,
             accel: OnceCell::new(),
             running: Arc::default(),
+            warm: Arc::default(),
         }
     }
 
@@ -183,22 +212,76 @@ impl QemuProvider {
         job: &Path,
     ) -> Result<Worker> {
         let image = canonical_dir(&spec.image, "image")?;
-        let base_disk = image_file(&image, "disk.qcow2")?;
-        let kernel = image_file(&image, "vmlinuz")?;
-        let initrd = image_file(&image, "initrd.img")?;
-        let extra = match fs::read_to_string(image.join("cmdline")) {
-            Ok(s) => s.split_whitespace().collect::<Vec<_>>().join(" "),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => DEFAULT_CMDLINE.to_string(),
-            Err(e) => return Err(io_err("read image cmdline")(e)),
-        };
         let source = spec
             .source
             .as_ref()
             .map(|s| canonical_dir(s, "source"))
             .transpose()?;
-        let agent_socket = absolute(&spec.agent_socket);
+        let (memory_mb, cpus) = self.size_of(&spec.limits);
+        let running = self
+            .boot(Boot {
+                name,
+                dir: job,
+                image: &image,
+                memory_mb,
+                cpus,
+                agent_socket: &absolute(&spec.agent_socket),
+                token: spec.agent_token.expose(),
+                workspace: source.as_deref(),
+                shares,
+                late: false,
+            })
+            .await?;
+        let exited = running.exited.clone();
+        self.running
+            .lock()
+            .expect("running map poisoned")
+            .insert(name.to_string(), running);
+        Ok(Worker {
+            name: name.to_string(),
+            job_id: spec.job_id,
+            exited,
+            console_log: job.join("console.log"),
+        })
+    }
+
+    /// Guest memory (MiB) and CPUs for a pool's limits.
+    fn size_of(&self, limits: &slate_core::config::Limits) -> (u64, u32) {
+        let memory_mb = limits
+            .memory_bytes
+            .map(|b| b.div_ceil(1 << 20))
+            .unwrap_or(self.cfg.memory_mb);
+        let cpus = limits
+            .cpus
+            .map(|c| c.ceil().max(1.0) as u32)
+            .unwrap_or(self.cfg.cpus);
+        (memory_mb, cpus)
+    }
+
+    /// Creates the overlay, token and mounts files in `b.dir` and starts qemu.
+    async fn boot(&self, b: Boot<'_>) -> Result<Running> {
+        let Boot {
+            name,
+            dir: job,
+            image,
+            memory_mb,
+            cpus,
+            agent_socket,
+            token,
+            workspace,
+            shares,
+            late,
+        } = b;
+        let base_disk = image_file(image, "disk.qcow2")?;
+        let kernel = image_file(image, "vmlinuz")?;
+        let initrd = image_file(image, "initrd.img")?;
+        let extra = match fs::read_to_string(image.join("cmdline")) {
+            Ok(s) => s.split_whitespace().collect::<Vec<_>>().join(" "),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => DEFAULT_CMDLINE.to_string(),
+            Err(e) => return Err(io_err("read image cmdline")(e)),
+        };
         let qmp = job.join("qmp.sock");
-        for sock in [&agent_socket, &qmp] {
+        for sock in [agent_socket, &qmp] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(ProviderError::Spec(format!(
                     "socket path {} is too long for a unix socket",
@@ -206,7 +289,7 @@ impl QemuProvider {
                 )));
             }
         }
-        for p in [&agent_socket, &base_disk, &kernel, &initrd, job] {
+        for p in [agent_socket, &base_disk, &kernel, &initrd, job] {
             // qemu's option syntax splits on commas.
             if p.to_string_lossy().contains(',') {
                 return Err(ProviderError::Spec(format!(
@@ -215,7 +298,7 @@ impl QemuProvider {
                 )));
             }
         }
-        if let Some(s) = &source {
+        if let Some(s) = workspace {
             if s.to_string_lossy().contains(',') {
                 return Err(ProviderError::Spec(format!(
                     "source {} contains a comma",
@@ -241,18 +324,21 @@ impl QemuProvider {
             });
         }
         tracing::debug!(
-            job.id = spec.job_id.0,
+            worker = name,
             duration_ms = started.elapsed().as_millis() as u64,
             "overlay created"
         );
 
-        let token = job.join("token");
-        write_private(&token, spec.agent_token.expose().as_bytes())
-            .map_err(io_err("write token"))?;
+        let token_file = job.join("token");
+        write_private(&token_file, token.as_bytes()).map_err(io_err("write token"))?;
         let mounts_file = job.join("mounts");
         if !shares.is_empty() {
             write_private(&mounts_file, mounts_listing(shares).as_bytes())
                 .map_err(io_err("write mounts"))?;
+        }
+        let late_file = job.join("late");
+        if late {
+            write_private(&late_file, b"job\n").map_err(io_err("write late"))?;
         }
 
         let console_log = job.join("console.log");
@@ -263,17 +349,7 @@ impl QemuProvider {
             .open(&console_log)
             .map_err(io_err("open console.log"))?;
 
-        let accel = self.accel(&image).await;
-        let memory_mb = spec
-            .limits
-            .memory_bytes
-            .map(|b| b.div_ceil(1 << 20))
-            .unwrap_or(self.cfg.memory_mb);
-        let cpus = spec
-            .limits
-            .cpus
-            .map(|c| c.ceil().max(1.0) as u32)
-            .unwrap_or(self.cfg.cpus);
+        let accel = self.accel(image).await;
 
         let mut cmd = Command::new(&self.cfg.qemu_binary);
         cmd.arg("-name").arg(name);
@@ -317,20 +393,23 @@ impl QemuProvider {
             .arg("-device")
             .arg(format!("virtserialport,chardev=agent,name={AGENT_PORT}"))
             .arg("-fw_cfg")
-            .arg(format!("name={TOKEN_FW_CFG},file={}", token.display()))
+            .arg(format!("name={TOKEN_FW_CFG},file={}", token_file.display()))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .arg("-pidfile")
             .arg(job.join("qemu.pid"));
-        if let Some(source) = &source {
+        // A late share's content is a bind mount inside it: another device, whose inode
+        // numbers must not collide with the stub's in the guest.
+        let multidevs = if late { ",multidevs=remap" } else { "" };
+        if let Some(source) = workspace {
             cmd.arg("-virtfs").arg(format!(
-                "local,path={},mount_tag={WORKSPACE_TAG},security_model=none,readonly=on",
+                "local,path={},mount_tag={WORKSPACE_TAG},security_model=none,readonly=on{multidevs}",
                 source.display()
             ));
         }
         for share in shares {
             cmd.arg("-virtfs").arg(format!(
-                "local,path={},mount_tag={},security_model=none{}",
+                "local,path={},mount_tag={},security_model=none{}{multidevs}",
                 share.host.display(),
                 share.tag,
                 if share.read_only { ",readonly=on" } else { "" }
@@ -341,6 +420,10 @@ impl QemuProvider {
                 "name={MOUNTS_FW_CFG},file={}",
                 mounts_file.display()
             ));
+        }
+        if late {
+            cmd.arg("-fw_cfg")
+                .arg(format!("name={LATE_FW_CFG},file={}", late_file.display()));
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -373,18 +456,10 @@ impl QemuProvider {
             tracing::info!(worker = %worker_name, exit_code = code, "vm exited");
             let _ = tx.send(Some(code));
         });
-        self.running.lock().expect("running map poisoned").insert(
-            name.to_string(),
-            Running {
-                kill: kill_tx,
-                exited: exited.clone(),
-            },
-        );
-        Ok(Worker {
-            name: name.to_string(),
-            job_id: spec.job_id,
+        Ok(Running {
+            kill: kill_tx,
             exited,
-            console_log,
+            proxy: None,
         })
     }
 
@@ -396,13 +471,18 @@ impl QemuProvider {
             .lock()
             .expect("running map poisoned")
             .remove(name);
+        if let Some(relay) = own.as_ref().and_then(|r| r.proxy.as_ref()) {
+            relay.abort();
+        }
+        // A VM that was warm runs under its warm name (`-name warm-…`).
+        let vm_name = vm_name_of(job).unwrap_or_else(|| name.to_string());
         let pids = || -> Vec<i32> {
             let mut pids: BTreeSet<i32> = host::scan(&base)
                 .into_iter()
-                .filter(|(_, n)| n == name)
+                .filter(|(_, n)| *n == vm_name)
                 .map(|(p, _)| p)
                 .collect();
-            pids.extend(host::verified_pid(&job.join("qemu.pid"), name, &base));
+            pids.extend(host::verified_pid(&job.join("qemu.pid"), &vm_name, &base));
             pids.into_iter().filter(|p| host::alive(*p)).collect()
         };
         let gone = |own: &Option<Running>| {
@@ -428,7 +508,7 @@ impl QemuProvider {
         for pid in pids() {
             // Re-verified right before the signal: the pid must still be this worker.
             if host::worker_of(&host::cmdline(pid).unwrap_or_default(), &base).as_deref()
-                == Some(name)
+                == Some(vm_name.as_str())
             {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
@@ -453,11 +533,15 @@ impl QemuProvider {
     async fn destroy_inner(&self, name: &str) -> Result<()> {
         let job = self.base().join(name);
         self.stop(name, &job).await;
-        match fs::remove_dir_all(&job) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("remove worker directory")(e)),
-        }
+        // A VM that was warm has the job's tree and caches bound into its shares: they
+        // are unmounted first, and the removal never crosses into a mount.
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            crate::sandbox::host::unmount_all_under(&job)
+                .map_err(io_err("unmount the worker's shares"))?;
+            crate::sandbox::host::remove_job_dir(&job).map_err(io_err("remove worker directory"))
+        })
+        .await
+        .map_err(|e| ProviderError::Other(format!("cleanup task: {e}")))?
     }
 }
 
@@ -527,6 +611,26 @@ impl Provider for QemuProvider {
         }
         // Refused before anything exists, so a bad spec leaves nothing behind.
         let shares = cache_shares(&spec.mounts)?;
+        if let Some(vm) = self.take_warm(&spec) {
+            let warm_name = vm.name_of().to_string();
+            match self.bind_warm(vm, &spec, &shares, &name).await {
+                Ok(worker) => {
+                    tracing::info!(
+                        job.id = spec.job_id.0,
+                        worker = %name,
+                        warm = %warm_name,
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        "warm vm bound"
+                    );
+                    return Ok(worker);
+                }
+                // bind_warm cleaned up what it made; the job still gets a fresh VM: a
+                // cold one (unless the worker exists already, which the cold path refuses).
+                Err(e) => {
+                    tracing::warn!(job.id = spec.job_id.0, worker = %name, error = %e, "binding a warm vm failed, booting a cold one")
+                }
+            }
+        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -563,7 +667,7 @@ impl Provider for QemuProvider {
     }
 
     async fn destroy(&self, name: &str) -> Result<()> {
-        if !valid_name(name) {
+        if !is_vm_name(name) {
             return Err(ProviderError::Spec(format!("invalid worker name {name:?}")));
         }
         let started = Instant::now();
@@ -578,16 +682,32 @@ impl Provider for QemuProvider {
 
     async fn list(&self) -> Result<Vec<String>> {
         let base = self.base();
-        let mut names: BTreeSet<String> = match fs::read_dir(&base) {
-            Ok(entries) => entries
-                .flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| valid_name(n))
-                .collect(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeSet::new(),
+        let mut names = BTreeSet::new();
+        // Directory name by process name, for VMs that were warm before their job.
+        let mut by_vm_name = HashMap::new();
+        match fs::read_dir(&base) {
+            Ok(entries) => {
+                for n in entries.flatten().filter_map(|e| e.file_name().into_string().ok()) {
+                    if valid_name(&n) {
+                        if let Some(vm) = vm_name_of(&base.join(&n)) {
+                            by_vm_name.insert(vm, n.clone());
+                        }
+                        names.insert(n);
+                    } else if valid_warm_name(&n) && !self.warm.owns(&n) {
+                        names.insert(n);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("list workers")(e)),
-        };
-        names.extend(host::scan(&base).into_iter().map(|(_, n)| n));
+        }
+        for (_, n) in host::scan(&base) {
+            if let Some(dir) = by_vm_name.get(&n) {
+                names.insert(dir.clone());
+            } else if valid_name(&n) || !self.warm.owns(&n) {
+                names.insert(n);
+            }
+        }
         Ok(names.into_iter().collect())
     }
 }
@@ -695,6 +815,28 @@ fn image_file(image: &Path, file: &str) -> Result<PathBuf> {
             image.display()
         )))
     }
+}
+
+/// A worker name this provider makes: `slate-<id>`, or `warm-<hex>` for a VM booted
+/// before its job.
+fn is_vm_name(name: &str) -> bool {
+    valid_name(name) || valid_warm_name(name)
+}
+
+/// The name qemu runs under for the worker in `dir` when it differs from the directory's
+/// (a VM that was warm).
+fn vm_name_of(dir: &Path) -> Option<String> {
+    let n = fs::read_to_string(dir.join(warm::VM_NAME_FILE)).ok()?;
+    let n = n.trim();
+    valid_warm_name(n).then(|| n.to_string())
+}
+
+/// The last few KB of a console log, for error messages.
+fn console_tail(path: &Path) -> String {
+    const TAIL: usize = 2048;
+    let bytes = fs::read(path).unwrap_or_default();
+    let from = bytes.len().saturating_sub(TAIL);
+    String::from_utf8_lossy(&bytes[from..]).into_owned()
 }
 
 /// `path` made absolute without resolving symlinks (the socket may not exist yet).

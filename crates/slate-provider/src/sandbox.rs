@@ -23,7 +23,7 @@
 //! layers; nothing here writes to them.
 
 mod bundle;
-mod host;
+pub(crate) mod host;
 
 use crate::{Provider, ProviderError, Result, Worker, WorkerSpec, AGENT_PATH};
 use async_trait::async_trait;

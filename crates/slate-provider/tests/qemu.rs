@@ -3,7 +3,7 @@
 
 use slate_core::config::{Limits, Network};
 use slate_core::{JobId, Secret};
-use slate_provider::qemu::Accel;
+use slate_provider::qemu::{Accel, WarmTemplate};
 use slate_provider::{
     Provider, ProviderError, QemuConfig, QemuProvider, Worker, WorkerMount, WorkerSpec,
 };
@@ -12,6 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio::net::UnixListener;
@@ -38,7 +39,7 @@ fn config(boot_timeout: Duration) -> QemuConfig {
 /// destroys every worker a fresh provider finds, so no qemu outlives the test.
 struct Fixture {
     dir: TempDir,
-    provider: QemuProvider,
+    provider: Arc<QemuProvider>,
 }
 
 impl Fixture {
@@ -49,7 +50,10 @@ impl Fixture {
         } else {
             vm_image(&dir.path().join("image")).unwrap();
         }
-        let provider = QemuProvider::new(dir.path().join("vm-workers"), config(boot_timeout));
+        let provider = Arc::new(QemuProvider::new(
+            dir.path().join("vm-workers"),
+            config(boot_timeout),
+        ));
         Self { dir, provider }
     }
 
@@ -669,4 +673,235 @@ async fn bad_cache_mounts_are_refused_before_qemu_starts() {
         assert!(fx.provider.list().await.unwrap().is_empty());
     }
     assert_eq!(tree(&cache), Vec::<String>::new());
+}
+
+// --- warm pool ---
+
+fn warm_template(fx: &Fixture, pool: &str, mounts: &[WorkerMount]) -> WarmTemplate {
+    let image = fx.image();
+    WarmTemplate {
+        pool: pool.into(),
+        size: 1,
+        image: Arc::new(move || Some(image.clone())),
+        limits: fx.spec(&fx.image(), None).limits,
+        mounts: mounts
+            .iter()
+            .map(|m| (m.target.clone(), m.read_only))
+            .collect(),
+    }
+}
+
+async fn wait_warm(p: &QemuProvider, pool: &str, n: usize) {
+    let until = Instant::now() + BOOT_TIMEOUT;
+    while p.warm_ready(pool) < n {
+        assert!(Instant::now() < until, "no warm vm for {pool} within {BOOT_TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Mount points under `dir` in this process's mount namespace.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| Path::new(m).starts_with(&dir))
+        .collect()
+}
+
+/// Live qemu processes whose command line names a path under `root`.
+fn qemu_under(root: &Path) -> Vec<String> {
+    let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let root = root.to_string_lossy().to_string();
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+        if cmd.contains("qemu-system") && cmd.contains(&format!("{root}/")) && !zombie {
+            out.push(format!("{pid}: {cmd}"));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_vm_takes_a_job_at_once_is_never_reused_and_leaves_nothing() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    let source = fx.dir.path().join("src");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("hello-from-host.txt"), "hi\n").unwrap();
+    let mirror = fx.dir.path().join("mirror");
+    fs::create_dir_all(&mirror).unwrap();
+    fs::write(mirror.join("index"), "mirror index v1\n").unwrap();
+    let plain = fx.dir.path().join("plain");
+    fs::create_dir_all(&plain).unwrap();
+    let mounts = vec![
+        WorkerMount {
+            host_path: mirror.clone(),
+            target: "/srv/mirror".into(),
+            read_only: true,
+        },
+        WorkerMount {
+            host_path: plain.clone(),
+            target: "/var/cache/plain".into(),
+            read_only: false,
+        },
+    ];
+    let base_sum = sha256_file(&fx.image().join("disk.qcow2")).unwrap();
+    fx.provider.keep_warm(warm_template(&fx, "vm", &mounts));
+    wait_warm(&fx.provider, "vm", 1).await;
+    // An idle warm VM is nobody's worker: recovery must not take it for a leftover.
+    assert!(fx.provider.list().await.unwrap().is_empty());
+
+    let mut spec = fx.spec(&fx.image(), Some(source.clone()));
+    spec.mounts = mounts.clone();
+    let first = spec.job_id.resource_name();
+    let token = spec.agent_token.expose().to_string();
+    let started = Instant::now();
+    let (mut worker, seen) = run_job(
+        &fx.provider,
+        spec,
+        "uname -r; cat /etc/slate-vm-image; ls /workspace; cat /srv/mirror/index; \
+         if echo x > /srv/mirror/guest 2>/dev/null; then echo RO-WRITTEN; else echo ro-refused; fi; \
+         echo fetched > /var/cache/plain/new && echo plain-written; \
+         echo one > /job1-was-here && echo > /workspace/job1-file && echo done1",
+    )
+    .await;
+    let warm_run = started.elapsed();
+    assert_eq!(worker.name, first);
+    assert!(seen.success, "{}", seen.output);
+    // The server saw the job's own token, never the VM's.
+    assert_eq!(seen.token, token);
+    for want in [
+        "amd64",
+        MARKER,
+        "hello-from-host.txt",
+        "mirror index v1",
+        "ro-refused",
+        "plain-written",
+        "done1",
+    ] {
+        assert!(seen.output.contains(want), "no {want:?} in:\n{}", seen.output);
+    }
+    assert_eq!(fs::read_to_string(plain.join("new")).unwrap(), "fetched\n");
+    assert!(!mirror.join("guest").exists());
+    assert!(!source.join("job1-file").exists(), "the guest wrote to the source tree");
+    assert_eq!(exit_code(&mut worker).await, 0);
+    fx.provider.destroy(&first).await.unwrap();
+    fx.assert_gone(&first);
+    // The job's tree and caches were bound into the VM's shares: destroy unmounted them
+    // and left the host directories alone.
+    assert!(mounts_under(&fx.root()).is_empty(), "{:?}", mounts_under(&fx.root()));
+    assert_eq!(fs::read_to_string(mirror.join("index")).unwrap(), "mirror index v1\n");
+    assert!(source.join("hello-from-host.txt").is_file());
+
+    // The pool refills with a fresh clone: the second job sees nothing of the first.
+    wait_warm(&fx.provider, "vm", 1).await;
+    let mut spec = fx.spec(&fx.image(), Some(source.clone()));
+    spec.mounts = mounts.clone();
+    let second = spec.job_id.resource_name();
+    let (mut worker, seen) = run_job(
+        &fx.provider,
+        spec,
+        "cat /job1-was-here 2>/dev/null || echo fresh-root; ls /workspace",
+    )
+    .await;
+    assert!(seen.success, "{}", seen.output);
+    assert!(seen.output.contains("fresh-root"), "{}", seen.output);
+    assert!(!seen.output.contains("job1-file"), "{}", seen.output);
+    assert_eq!(exit_code(&mut worker).await, 0);
+    fx.provider.destroy(&second).await.unwrap();
+
+    // The same job on a pool without warm VMs, in the same run: the cold figure.
+    let mut spec = fx.spec(&fx.image(), Some(source.clone()));
+    spec.pool = "cold".into();
+    spec.mounts = mounts.clone();
+    let cold = spec.job_id.resource_name();
+    let started = Instant::now();
+    let (mut worker, seen) = run_job(&fx.provider, spec, "echo done1").await;
+    let cold_run = started.elapsed();
+    assert!(seen.success, "{}", seen.output);
+    assert_eq!(exit_code(&mut worker).await, 0);
+    fx.provider.destroy(&cold).await.unwrap();
+    println!(
+        "provision to done: warm {} ms, cold {} ms",
+        warm_run.as_millis(),
+        cold_run.as_millis()
+    );
+    assert!(
+        warm_run * 3 < cold_run,
+        "a warm vm should start a job far sooner than a cold boot: warm {warm_run:?}, cold {cold_run:?}"
+    );
+
+    // Stopping the pool destroys the idle VM it refilled.
+    wait_warm(&fx.provider, "vm", 1).await;
+    fx.provider.stop_warm().await;
+    assert_eq!(fx.provider.warm_ready("vm"), 0);
+    assert!(qemu_under(&fx.root()).is_empty(), "{:?}", qemu_under(&fx.root()));
+    assert!(fs::read_dir(fx.root()).unwrap().next().is_none());
+    assert!(mounts_under(&fx.root()).is_empty());
+    assert_eq!(sha256_file(&fx.image().join("disk.qcow2")).unwrap(), base_sum);
+}
+
+#[test]
+fn after_a_crash_warm_and_bound_vms_are_found_and_destroyed() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    let source = fx.dir.path().join("src");
+    fs::create_dir_all(&source).unwrap();
+    fs::write(source.join("f"), "x").unwrap();
+    let spec = fx.spec(&fx.image(), Some(source.clone()));
+    let bound = spec.job_id.resource_name();
+
+    // A server that crashes: its runtime goes away with a warm VM idle and another VM
+    // bound to a running job (a step that sleeps), and nothing is destroyed.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let p = Arc::new(QemuProvider::new(fx.root(), config(BOOT_TIMEOUT)));
+        p.keep_warm(warm_template(&fx, "vm", &[]));
+        wait_warm(&p, "vm", 1).await;
+        let listener = UnixListener::bind(&spec.agent_socket).unwrap();
+        let server =
+            tokio::spawn(async move { serve_one_job(listener, "sleep 600", BOOT_TIMEOUT).await });
+        let worker = p.provision(spec.clone()).await.unwrap();
+        assert_eq!(worker.name, bound);
+        // The job is running in the guest once its workspace is bound.
+        let until = Instant::now() + Duration::from_secs(30);
+        while mounts_under(&fx.root()).is_empty() {
+            assert!(Instant::now() < until, "the job's tree was never bound");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wait_warm(&p, "vm", 1).await;
+        server.abort();
+    });
+    // (The guests may power themselves off now that their agents lost the server: what
+    // is left, processes or only directories and mounts, must be found either way.)
+    rt.shutdown_background();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let p = QemuProvider::new(fx.root(), config(BOOT_TIMEOUT));
+        let found = p.list().await.unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found.contains(&bound), "{found:?}");
+        assert!(found.iter().any(|n| n.starts_with("warm-")), "{found:?}");
+        for name in &found {
+            p.destroy(name).await.unwrap();
+        }
+        assert!(p.list().await.unwrap().is_empty());
+    });
+    assert!(qemu_under(&fx.root()).is_empty(), "{:?}", qemu_under(&fx.root()));
+    assert!(mounts_under(&fx.root()).is_empty(), "{:?}", mounts_under(&fx.root()));
+    assert!(fs::read_dir(fx.root()).unwrap().next().is_none());
+    // The bound source tree was unmounted, not deleted.
+    assert_eq!(fs::read_to_string(source.join("f")).unwrap(), "x");
 }

@@ -30,7 +30,7 @@ pub fn cmdline(pid: i32) -> Option<Vec<String>> {
 pub fn worker_of(args: &[String], job_root: &Path) -> Option<String> {
     let pos = args.iter().position(|a| a == "-name")?;
     let name = args.get(pos + 1)?;
-    if !super::valid_name(name) {
+    if !super::is_vm_name(name) {
         return None;
     }
     let dir = job_root.join(name);
