@@ -671,11 +671,7 @@ fn prepare_runs_after_welcome_and_before_the_first_step() {
         format!("#!/bin/sh\necho prepared > {}\n", marker.display()),
     )
     .unwrap();
-    std::fs::set_permissions(
-        &script,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let job = srv.job(vec![step("s", &format!("cat {}", marker.display()))]);
     let connect = format!("unix:{}", srv.sock.display());
     let args = ["--connect", &connect, "--prepare", script.to_str().unwrap()];
@@ -710,5 +706,9 @@ fn a_failing_prepare_runs_no_step_and_exits_3() {
     conn.send(&ServerMsg::Welcome { job });
     assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), 3);
     assert!(!marker.exists(), "a step ran after a failed prepare");
-    assert!(srv.agent_stderr().contains("/bin/false failed"), "{}", srv.agent_stderr());
+    assert!(
+        srv.agent_stderr().contains("/bin/false failed"),
+        "{}",
+        srv.agent_stderr()
+    );
 }

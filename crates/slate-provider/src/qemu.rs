@@ -687,7 +687,10 @@ impl Provider for QemuProvider {
         let mut by_vm_name = HashMap::new();
         match fs::read_dir(&base) {
             Ok(entries) => {
-                for n in entries.flatten().filter_map(|e| e.file_name().into_string().ok()) {
+                for n in entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                {
                     if valid_name(&n) {
                         if let Some(vm) = vm_name_of(&base.join(&n)) {
                             by_vm_name.insert(vm, n.clone());

@@ -694,7 +694,10 @@ fn warm_template(fx: &Fixture, pool: &str, mounts: &[WorkerMount]) -> WarmTempla
 async fn wait_warm(p: &QemuProvider, pool: &str, n: usize) {
     let until = Instant::now() + BOOT_TIMEOUT;
     while p.warm_ready(pool) < n {
-        assert!(Instant::now() < until, "no warm vm for {pool} within {BOOT_TIMEOUT:?}");
+        assert!(
+            Instant::now() < until,
+            "no warm vm for {pool} within {BOOT_TIMEOUT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -791,18 +794,32 @@ async fn a_warm_vm_takes_a_job_at_once_is_never_reused_and_leaves_nothing() {
         "plain-written",
         "done1",
     ] {
-        assert!(seen.output.contains(want), "no {want:?} in:\n{}", seen.output);
+        assert!(
+            seen.output.contains(want),
+            "no {want:?} in:\n{}",
+            seen.output
+        );
     }
     assert_eq!(fs::read_to_string(plain.join("new")).unwrap(), "fetched\n");
     assert!(!mirror.join("guest").exists());
-    assert!(!source.join("job1-file").exists(), "the guest wrote to the source tree");
+    assert!(
+        !source.join("job1-file").exists(),
+        "the guest wrote to the source tree"
+    );
     assert_eq!(exit_code(&mut worker).await, 0);
     fx.provider.destroy(&first).await.unwrap();
     fx.assert_gone(&first);
     // The job's tree and caches were bound into the VM's shares: destroy unmounted them
     // and left the host directories alone.
-    assert!(mounts_under(&fx.root()).is_empty(), "{:?}", mounts_under(&fx.root()));
-    assert_eq!(fs::read_to_string(mirror.join("index")).unwrap(), "mirror index v1\n");
+    assert!(
+        mounts_under(&fx.root()).is_empty(),
+        "{:?}",
+        mounts_under(&fx.root())
+    );
+    assert_eq!(
+        fs::read_to_string(mirror.join("index")).unwrap(),
+        "mirror index v1\n"
+    );
     assert!(source.join("hello-from-host.txt").is_file());
 
     // The pool refills with a fresh clone: the second job sees nothing of the first.
@@ -847,10 +864,17 @@ async fn a_warm_vm_takes_a_job_at_once_is_never_reused_and_leaves_nothing() {
     wait_warm(&fx.provider, "vm", 1).await;
     fx.provider.stop_warm().await;
     assert_eq!(fx.provider.warm_ready("vm"), 0);
-    assert!(qemu_under(&fx.root()).is_empty(), "{:?}", qemu_under(&fx.root()));
+    assert!(
+        qemu_under(&fx.root()).is_empty(),
+        "{:?}",
+        qemu_under(&fx.root())
+    );
     assert!(fs::read_dir(fx.root()).unwrap().next().is_none());
     assert!(mounts_under(&fx.root()).is_empty());
-    assert_eq!(sha256_file(&fx.image().join("disk.qcow2")).unwrap(), base_sum);
+    assert_eq!(
+        sha256_file(&fx.image().join("disk.qcow2")).unwrap(),
+        base_sum
+    );
 }
 
 #[test]
@@ -899,8 +923,16 @@ fn after_a_crash_warm_and_bound_vms_are_found_and_destroyed() {
         }
         assert!(p.list().await.unwrap().is_empty());
     });
-    assert!(qemu_under(&fx.root()).is_empty(), "{:?}", qemu_under(&fx.root()));
-    assert!(mounts_under(&fx.root()).is_empty(), "{:?}", mounts_under(&fx.root()));
+    assert!(
+        qemu_under(&fx.root()).is_empty(),
+        "{:?}",
+        qemu_under(&fx.root())
+    );
+    assert!(
+        mounts_under(&fx.root()).is_empty(),
+        "{:?}",
+        mounts_under(&fx.root())
+    );
     assert!(fs::read_dir(fx.root()).unwrap().next().is_none());
     // The bound source tree was unmounted, not deleted.
     assert_eq!(fs::read_to_string(source.join("f")).unwrap(), "x");

@@ -391,6 +391,16 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
                 .set(n as i64);
         }
     }
+    for p in &app.config.pools {
+        if p.warm > 0 {
+            app.metrics
+                .warm_vms
+                .get_or_create(&crate::metrics::PoolLabel {
+                    pool: p.name.clone(),
+                })
+                .set(app.qemu.warm_ready(&p.name) as i64);
+        }
+    }
     if let Some(r) = &app.reporter {
         let s = r.stats();
         for (k, v) in [

@@ -67,6 +67,8 @@ pub struct App {
     pub store: Arc<dyn Store>,
     /// Provider per pool name.
     pub providers: HashMap<String, Arc<dyn Provider>>,
+    /// The qemu provider every qemu pool shares (it keeps their warm VMs).
+    pub qemu: Arc<slate_provider::QemuProvider>,
     pub reporter: Option<Reporter>,
     pub logs: LogStore,
     pub git: GitMirrors,
@@ -396,6 +398,7 @@ impl App {
             secrets,
             store,
             providers,
+            qemu,
             reporter,
             logs,
             git,
@@ -420,6 +423,39 @@ impl App {
             replica_id,
             replicated,
         }))
+    }
+
+    /// Starts keeping the `warm` VMs of every qemu pool that asks for them.
+    pub fn start_warm_pools(self: &Arc<Self>) {
+        for pool in &self.config.pools {
+            if pool.provider != ProviderKind::Qemu || pool.warm == 0 {
+                continue;
+            }
+            let (data_dir, p) = (self.data_dir.clone(), pool.clone());
+            self.qemu.keep_warm(slate_provider::qemu::WarmTemplate {
+                pool: pool.name.clone(),
+                size: pool.warm,
+                image: Arc::new(move || match crate::runner::pool_image(&data_dir, &p) {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        tracing::warn!(pool = %p.name, error = %e, "no image for warm vms");
+                        None
+                    }
+                }),
+                limits: pool.limits.clone(),
+                mounts: pool
+                    .caches
+                    .iter()
+                    .map(|c| {
+                        (
+                            c.target.clone(),
+                            c.mode == slate_core::config::CacheMode::Ro,
+                        )
+                    })
+                    .collect(),
+            });
+            tracing::info!(pool = %pool.name, warm = pool.warm, "keeping vms warm");
+        }
     }
 
     /// Link to a job for statuses.

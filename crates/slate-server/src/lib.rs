@@ -75,6 +75,8 @@ pub async fn start(
             "recovered from an earlier run"
         );
     }
+    // After recovery, which destroyed the warm VMs a previous process left.
+    app.start_warm_pools();
     let agents_tcp = match &app.config.server.agent_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr).await?;
@@ -121,6 +123,7 @@ pub async fn start(
     while !app.running.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    app.qemu.stop_warm().await;
     if let Some(r) = &app.reporter {
         r.flush(std::time::Duration::from_secs(5)).await;
     }

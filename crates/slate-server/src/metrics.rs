@@ -27,6 +27,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     pub jobs: Family<StateLabel, Gauge>,
     pub queue_depth: Family<PoolLabel, Gauge>,
+    pub warm_vms: Family<PoolLabel, Gauge>,
     pub provision_seconds: Family<PoolLabel, Histogram>,
     pub job_seconds: Family<PoolLabel, Histogram>,
     pub webhooks: Family<ResultLabel, Counter>,
@@ -64,6 +65,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("slate");
         let jobs = Family::<StateLabel, Gauge>::default();
         let queue_depth = Family::<PoolLabel, Gauge>::default();
+        let warm_vms = Family::<PoolLabel, Gauge>::default();
         let provision_seconds = Family::<PoolLabel, Histogram>::new_with_constructor(
             provision_buckets as fn() -> Histogram,
         );
@@ -80,6 +82,11 @@ impl Metrics {
         );
         registry.register("jobs", "Jobs by state", jobs.clone());
         registry.register("queue_depth", "Queued jobs per pool", queue_depth.clone());
+        registry.register(
+            "warm_vms",
+            "VMs booted and idle, waiting for a job, per pool",
+            warm_vms.clone(),
+        );
         registry.register(
             "provision_duration_seconds",
             "Time to provision a worker",
@@ -105,6 +112,7 @@ impl Metrics {
             registry: Mutex::new(registry),
             jobs,
             queue_depth,
+            warm_vms,
             provision_seconds,
             job_seconds,
             webhooks,

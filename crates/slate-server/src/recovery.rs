@@ -36,7 +36,24 @@ pub async fn recover(app: &Arc<App>) -> Result<RecoveryReport, slate_store::Stor
     }
     for p in &providers {
         match p.list().await {
-            Ok(found) => names.extend(found),
+            Ok(found) => {
+                for n in found {
+                    if slate_core::JobId::from_resource_name(&n).is_some() {
+                        names.insert(n);
+                        continue;
+                    }
+                    // Not a job's (a warm VM of a previous process): only its provider
+                    // knows it.
+                    match p.destroy(&n).await {
+                        Ok(()) => {
+                            app.metrics.leaked_workers_cleaned.inc();
+                            tracing::info!(worker = %n, "destroyed leftover warm vm");
+                            report.workers_destroyed.push(n);
+                        }
+                        Err(e) => tracing::error!(worker = %n, error = %e, "destroying leftover"),
+                    }
+                }
+            }
             Err(e) => tracing::error!(provider = p.kind(), error = %e, "listing workers"),
         }
     }

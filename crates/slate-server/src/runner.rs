@@ -967,12 +967,21 @@ async fn harvest_caches(app: &Arc<App>, job: &Job, log: Option<&mut LogWriter>) 
 /// named image built by `slate image build` — its root filesystem for sandboxes, its VM
 /// output (disk.qcow2, vmlinuz, initrd.img) for qemu and libvirt pools.
 fn resolve_image(app: &App, pool: &PoolConfig) -> Result<std::path::PathBuf, String> {
+    pool_image(&app.data_dir, pool)
+}
+
+/// The image a job of `pool` starts on now: the pool's path, or the newest version of the
+/// named image it names.
+pub(crate) fn pool_image(
+    data_dir: &std::path::Path,
+    pool: &PoolConfig,
+) -> Result<std::path::PathBuf, String> {
     use slate_core::config::ProviderKind;
     let name = pool.image.to_string_lossy();
     if pool.provider == ProviderKind::Exec || name.contains('/') {
         return Ok(pool.image.clone());
     }
-    let r = slate_image::resolve(&app.data_dir.join("images"), &name)
+    let r = slate_image::resolve(&data_dir.join("images"), &name)
         .map_err(|e| format!("image {name}: {e}"))?;
     match pool.provider {
         ProviderKind::Sandbox => Ok(r.rootfs),

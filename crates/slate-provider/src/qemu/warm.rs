@@ -101,7 +101,10 @@ pub(super) struct WarmState {
 
 impl WarmState {
     pub(super) fn owns(&self, name: &str) -> bool {
-        self.owned.lock().expect("warm owned poisoned").contains(name)
+        self.owned
+            .lock()
+            .expect("warm owned poisoned")
+            .contains(name)
     }
 
     pub(super) fn ready_count(&self, pool: &str) -> usize {
@@ -118,7 +121,8 @@ pub fn valid_warm_name(name: &str) -> bool {
     name.strip_prefix("warm-").is_some_and(|h| {
         !h.is_empty()
             && h.len() <= 32
-            && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -216,9 +220,8 @@ impl QemuProvider {
             self.reap_dead_warm(&t.pool).await;
             if self.warm.ready_count(&t.pool) >= t.size as usize {
                 // Woken when a job takes a VM; the timeout notices a VM that died idle.
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), self.warm.changed.notified())
-                        .await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.warm.changed.notified())
+                    .await;
                 continue;
             }
             let started = Instant::now();
@@ -474,7 +477,10 @@ impl QemuProvider {
             .lock()
             .expect("warm owned poisoned")
             .remove(&warm_name);
-        match self.relay_to_job(conn, agent_version, spec, shares, name, &job).await {
+        match self
+            .relay_to_job(conn, agent_version, spec, shares, name, &job)
+            .await
+        {
             Ok(worker) => Ok(worker),
             Err(e) => {
                 if let Err(undo) = self.destroy_inner(name).await {
