@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install what the qemu provider's tests need on Debian 12 (run as root): qemu, qemu-img,
-# e2fsprogs, the static busybox, and a Debian kernel unpacked (not installed: no
+# e2fsprogs, the static busybox, socat (egress VMs reach allowed endpoints through it), and a Debian kernel unpacked (not installed: no
 # initramfs hooks, nothing in /boot) into /opt/slate-vm/kernel, where
 # slate_testkit::vm_image looks for it.
 set -euo pipefail
 KERNEL_DIR=/opt/slate-vm/kernel
 need=()
-for pkg in qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio kmod; do
+for pkg in qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio kmod socat; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 updated=

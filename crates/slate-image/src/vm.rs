@@ -53,6 +53,7 @@ const MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
     "virtio_console",
+    "virtio_net",
     "crc32c_generic",
     "ext4",
     "9pnet_virtio",
@@ -110,6 +111,7 @@ mkdir -p /run/slate
 fw=/sys/firmware/qemu_fw_cfg/by_name/opt/slate
 [ -r $fw/mounts/raw ] && cat $fw/mounts/raw > /run/slate/mounts
 [ -e $fw/late/raw ] && : > /run/slate/late
+[ -r $fw/forwards/raw ] && cat $fw/forwards/raw > /run/slate/forwards
 cat > /run/slate/prepare <<'PREPARE'
 #!/usr/local/lib/slate/busybox sh
 export PATH=/usr/local/lib/slate/bin
@@ -148,6 +150,14 @@ token=$(cat $tokfile)
 # fw_cfg would keep the token readable by every step: unload it (it lives only in the
 # initramfs, which is gone, so steps cannot load it back).
 rmmod qemu_fw_cfg 2>/dev/null
+# Network: none unless the pool has network = "egress"; then qemu's user-mode network
+# (restrict=on), where only the pool's allowed endpoints answer, at the guest addresses
+# /run/slate/forwards lists ("<guest ip:port> <endpoint>" lines).
+ip link set lo up 2>/dev/null
+if [ -e /sys/class/net/eth0 ]; then
+  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2 \
+    || echo "slate-vm: cannot configure eth0"
+fi
 port=
 i=0
 while [ -z "$port" ]; do

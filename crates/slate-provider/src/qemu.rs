@@ -67,6 +67,13 @@ pub const TOKEN_FW_CFG: &str = "opt/slate/token";
 pub const WORKSPACE_TAG: &str = "workspace";
 /// fw_cfg entry listing the shared-cache mounts, one `<tag> <target> ro|rw` line each.
 pub const MOUNTS_FW_CFG: &str = "opt/slate/mounts";
+/// fw_cfg entry listing an egress VM's forwards, one `<guest ip:port> <endpoint>` line each.
+pub const FORWARDS_FW_CFG: &str = "opt/slate/forwards";
+/// The guest reaches `network_allow[i]` at this address plus `i` (qemu's user network is
+/// 10.0.2.0/24; the guest is .15, the gateway .2, DNS .3).
+const FIRST_FORWARD: [u8; 4] = [10, 0, 2, 100];
+/// Forwards fit in 10.0.2.100–10.0.2.199.
+const MAX_FORWARDS: usize = 100;
 /// fw_cfg entry present when every share's content is in its `job/` subdirectory.
 pub const LATE_FW_CFG: &str = "opt/slate/late";
 /// 9p mount tag of `spec.mounts[i]` is this prefix followed by `i`.
@@ -146,6 +153,9 @@ struct Boot<'a> {
     /// The shares are stubs whose content is bound into their `job/` subdirectory once a
     /// job takes the VM (warm VMs); fw_cfg `opt/slate/late` tells the guest.
     late: bool,
+    network: Network,
+    /// With [`Network::Egress`]: the only endpoints the guest can reach.
+    allow: &'a [std::net::SocketAddr],
 }
 
 /// Runs each worker as a qemu VM on a qcow2 overlay of the pool's base disk.
@@ -230,6 +240,8 @@ impl QemuProvider {
                 workspace: source.as_deref(),
                 shares,
                 late: false,
+                network: spec.network,
+                allow: &spec.network_allow,
             })
             .await?;
         let exited = running.exited.clone();
@@ -271,7 +283,13 @@ impl QemuProvider {
             workspace,
             shares,
             late,
+            network,
+            allow,
         } = b;
+        let netdev = match network {
+            Network::None => None,
+            Network::Egress => Some(egress_netdev(allow)?),
+        };
         let base_disk = image_file(image, "disk.qcow2")?;
         let kernel = image_file(image, "vmlinuz")?;
         let initrd = image_file(image, "initrd.img")?;
@@ -361,15 +379,22 @@ impl QemuProvider {
             .arg(memory_mb.to_string())
             .arg("-smp")
             .arg(cpus.to_string())
-            .args([
-                "-nodefaults",
-                "-no-reboot",
-                "-display",
-                "none",
-                "-nic",
-                "none",
-            ])
-            .arg("-kernel")
+            .args(["-nodefaults", "-no-reboot", "-display", "none"]);
+        match &netdev {
+            None => {
+                cmd.args(["-nic", "none"]);
+            }
+            Some(n) => {
+                cmd.arg("-netdev")
+                    .arg(&n.arg)
+                    .args(["-device", "virtio-net-pci,netdev=net0"]);
+                let f = job.join("forwards");
+                write_private(&f, n.listing.as_bytes()).map_err(io_err("write forwards"))?;
+                cmd.arg("-fw_cfg")
+                    .arg(format!("name={FORWARDS_FW_CFG},file={}", f.display()));
+            }
+        }
+        cmd.arg("-kernel")
             .arg(&kernel)
             .arg("-initrd")
             .arg(&initrd)
@@ -601,15 +626,10 @@ impl Provider for QemuProvider {
     async fn provision(&self, spec: WorkerSpec) -> Result<Worker> {
         let started = Instant::now();
         let name = spec.job_id.resource_name();
-        match spec.network {
-            Network::None => {}
-            Network::Egress => {
-                return Err(ProviderError::Spec(
-                    "network = \"egress\" is not supported by the qemu provider yet".into(),
-                ))
-            }
-        }
         // Refused before anything exists, so a bad spec leaves nothing behind.
+        if spec.network == Network::Egress {
+            egress_netdev(&spec.network_allow)?;
+        }
         let shares = cache_shares(&spec.mounts)?;
         if let Some(vm) = self.take_warm(&spec) {
             let warm_name = vm.name_of().to_string();
@@ -818,6 +838,50 @@ fn image_file(image: &Path, file: &str) -> Result<PathBuf> {
             image.display()
         )))
     }
+}
+
+/// qemu's user-mode network for an egress VM.
+struct EgressNetdev {
+    /// The `-netdev` value.
+    arg: String,
+    /// The fw_cfg forwards listing.
+    listing: String,
+}
+
+/// `-netdev user,restrict=on` (the guest reaches nothing on its own) with one
+/// `guestfwd` per allowed endpoint: a connection to the guest-side address runs `socat`
+/// on the host to that endpoint.
+fn egress_netdev(allow: &[std::net::SocketAddr]) -> Result<EgressNetdev> {
+    if allow.len() > MAX_FORWARDS {
+        return Err(ProviderError::Spec(format!(
+            "{} allowed endpoints, a VM takes at most {MAX_FORWARDS}",
+            allow.len()
+        )));
+    }
+    if !allow.is_empty() && !on_path("socat") {
+        return Err(ProviderError::Spec(
+            "network = \"egress\" with network_allow needs socat on the host (apt-get install socat)"
+                .into(),
+        ));
+    }
+    let mut arg = "user,id=net0,restrict=on,ipv6=off".to_string();
+    let mut listing = String::new();
+    for (i, a) in allow.iter().enumerate() {
+        let [x, y, z, w] = FIRST_FORWARD;
+        let guest = format!("{x}.{y}.{z}.{}:{}", w as usize + i, a.port());
+        let target = match a {
+            std::net::SocketAddr::V4(v4) => format!("TCP4:{}:{}", v4.ip(), v4.port()),
+            std::net::SocketAddr::V6(v6) => format!("TCP6:[{}]:{}", v6.ip(), v6.port()),
+        };
+        arg.push_str(&format!(",guestfwd=tcp:{guest}-cmd:socat STDIO {target}"));
+        listing.push_str(&format!("{guest} {a}\n"));
+    }
+    Ok(EgressNetdev { arg, listing })
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
 /// A worker name this provider makes: `slate-<id>`, or `warm-<hex>` for a VM booted

@@ -937,3 +937,85 @@ fn after_a_crash_warm_and_bound_vms_are_found_and_destroyed() {
     // The bound source tree was unmounted, not deleted.
     assert_eq!(fs::read_to_string(source.join("f")).unwrap(), "x");
 }
+
+// --- network = "egress" ---
+
+/// A one-line HTTP server on `addr`; counts the connections it accepted.
+async fn http_pong(
+    addr: &str,
+    body: &'static str,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let at = l.local_addr().unwrap();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            h.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf).await;
+            let reply = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = c.write_all(reply.as_bytes()).await;
+        }
+    });
+    (at, hits)
+}
+
+/// The host's first non-loopback IPv4 address.
+fn host_address() -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next().map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_egress_vm_reaches_its_allowed_endpoints_and_nothing_else() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    let (allowed, allowed_hits) = http_pong("127.0.0.1:0", "pong-allowed").await;
+    let (denied, denied_hits) = http_pong("0.0.0.0:0", "pong-denied").await;
+    let host = host_address().unwrap_or_else(|| "192.0.2.1".into());
+    let mut spec = fx.spec(&fx.image(), None);
+    spec.network = Network::Egress;
+    spec.network_allow = vec![allowed];
+    let name = spec.job_id.resource_name();
+    let script = format!(
+        "cat /run/slate/forwards; \
+         echo GET | nc -w 5 10.0.2.100 {a} && echo; \
+         echo GET | nc -w 3 10.0.2.2 {d} || echo gateway-blocked; \
+         echo GET | nc -w 3 {host} {d} || echo host-blocked; \
+         echo GET | nc -w 3 10.0.2.100 {d} || echo other-port-blocked",
+        a = allowed.port(),
+        d = denied.port(),
+    );
+    let (mut worker, seen) = run_job(&fx.provider, spec, &script).await;
+    let out = &seen.output;
+    assert!(seen.success, "{out}");
+    assert!(
+        out.contains(&format!("10.0.2.100:{} {allowed}", allowed.port())),
+        "{out}"
+    );
+    for want in [
+        "pong-allowed",
+        "gateway-blocked",
+        "host-blocked",
+        "other-port-blocked",
+    ] {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
+    assert!(!out.contains("pong-denied"), "{out}");
+    assert!(allowed_hits.load(Ordering::SeqCst) >= 1);
+    assert_eq!(denied_hits.load(Ordering::SeqCst), 0, "{out}");
+    assert_eq!(exit_code(&mut worker).await, 0);
+    fx.provider.destroy(&name).await.unwrap();
+    fx.assert_gone(&name);
+}

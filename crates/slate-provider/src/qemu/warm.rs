@@ -346,6 +346,8 @@ impl QemuProvider {
                 workspace: Some(&workspace),
                 shares: &shares,
                 late: true,
+                network: slate_core::config::Network::None,
+                allow: &[],
             })
             .await?;
 
