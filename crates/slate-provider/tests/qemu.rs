@@ -1019,3 +1019,59 @@ async fn an_egress_vm_reaches_its_allowed_endpoints_and_nothing_else() {
     fx.provider.destroy(&name).await.unwrap();
     fx.assert_gone(&name);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_image_replaces_the_idle_warm_vms() {
+    let fx = Fixture::new(false, BOOT_TIMEOUT);
+    let rebuilt = fx.dir.path().join("image-v2");
+    run(Command::new("cp").arg("-a").arg(fx.image()).arg(&rebuilt));
+    let current = Arc::new(std::sync::Mutex::new(fx.image()));
+    let mut t = warm_template(&fx, "vm", &[]);
+    let c = current.clone();
+    t.image = Arc::new(move || Some(c.lock().unwrap().clone()));
+    fx.provider.keep_warm(t);
+    wait_warm(&fx.provider, "vm", 1).await;
+    let warm_dirs = || -> Vec<String> {
+        fs::read_dir(fx.root())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("warm-"))
+            .collect()
+    };
+    let old = warm_dirs();
+    assert_eq!(old.len(), 1, "{old:?}");
+
+    // The pool's image is rebuilt: the idle VM of the old version is replaced.
+    *current.lock().unwrap() = rebuilt.clone();
+    let until = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let now = warm_dirs();
+        if fx.provider.warm_ready("vm") == 1 && now.len() == 1 && now != old {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the stale warm vm was never replaced: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A job on the new version takes the new warm VM.
+    let spec = fx.spec(&rebuilt, Some(fx.image()));
+    let name = spec.job_id.resource_name();
+    let (mut worker, seen) = run_job(&fx.provider, spec, "echo on-the-new-image").await;
+    assert!(seen.success, "{}", seen.output);
+    assert!(
+        fx.root().join(&name).join("vm-name").is_file(),
+        "the job did not run on a warm vm"
+    );
+    assert_eq!(exit_code(&mut worker).await, 0);
+    fx.provider.destroy(&name).await.unwrap();
+    fx.provider.stop_warm().await;
+    assert!(
+        qemu_under(&fx.root()).is_empty(),
+        "{:?}",
+        qemu_under(&fx.root())
+    );
+    assert!(fs::read_dir(fx.root()).unwrap().next().is_none());
+}

@@ -217,7 +217,9 @@ impl QemuProvider {
             if self.warm.stopping.load(Ordering::SeqCst) {
                 return;
             }
-            self.reap_dead_warm(&t.pool).await;
+            // A rebuilt image makes the idle VMs stale: jobs would never match them.
+            let current = (t.image)().and_then(|i| i.canonicalize().ok());
+            self.reap_dead_warm(&t.pool, current.as_deref()).await;
             if self.warm.ready_count(&t.pool) >= t.size as usize {
                 // Woken when a job takes a VM; the timeout notices a VM that died idle.
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.warm.changed.notified())
@@ -251,21 +253,23 @@ impl QemuProvider {
         }
     }
 
-    /// Destroys idle VMs of `pool` that exited on their own.
-    async fn reap_dead_warm(&self, pool: &str) {
+    /// Destroys idle VMs of `pool` that exited on their own, or that run another image
+    /// than `current` (when it is known).
+    async fn reap_dead_warm(&self, pool: &str, current: Option<&Path>) {
         let dead: Vec<WarmVm> = {
             let mut ready = self.warm.ready.lock().expect("warm ready poisoned");
             let Some(q) = ready.get_mut(pool) else {
                 return;
             };
-            let (dead, live): (Vec<_>, Vec<_>) = q
-                .drain(..)
-                .partition(|vm| vm.running.exited.borrow().is_some());
+            let (dead, live): (Vec<_>, Vec<_>) = q.drain(..).partition(|vm| {
+                vm.running.exited.borrow().is_some()
+                    || current.is_some_and(|c| c != vm.image.as_path())
+            });
             q.extend(live);
             dead
         };
         for vm in dead {
-            tracing::warn!(pool, worker = %vm.name, "idle warm vm exited, replacing it");
+            tracing::info!(pool, worker = %vm.name, "idle warm vm exited or its image changed, replacing it");
             let name = vm.name.clone();
             self.running
                 .lock()
