@@ -688,6 +688,8 @@ fn warm_template(fx: &Fixture, pool: &str, mounts: &[WorkerMount]) -> WarmTempla
             .iter()
             .map(|m| (m.target.clone(), m.read_only))
             .collect(),
+        network: Network::None,
+        network_allow: Vec::new(),
     }
 }
 
@@ -984,10 +986,6 @@ async fn an_egress_vm_reaches_its_allowed_endpoints_and_nothing_else() {
     let (allowed, allowed_hits) = http_pong("127.0.0.1:0", "pong-allowed").await;
     let (denied, denied_hits) = http_pong("0.0.0.0:0", "pong-denied").await;
     let host = host_address().unwrap_or_else(|| "192.0.2.1".into());
-    let mut spec = fx.spec(&fx.image(), None);
-    spec.network = Network::Egress;
-    spec.network_allow = vec![allowed];
-    let name = spec.job_id.resource_name();
     let script = format!(
         "cat /run/slate/forwards; \
          echo GET | nc -w 5 10.0.2.100 {a} && echo; \
@@ -997,27 +995,54 @@ async fn an_egress_vm_reaches_its_allowed_endpoints_and_nothing_else() {
         a = allowed.port(),
         d = denied.port(),
     );
-    let (mut worker, seen) = run_job(&fx.provider, spec, &script).await;
-    let out = &seen.output;
-    assert!(seen.success, "{out}");
-    assert!(
-        out.contains(&format!("10.0.2.100:{} {allowed}", allowed.port())),
-        "{out}"
-    );
-    for want in [
-        "pong-allowed",
-        "gateway-blocked",
-        "host-blocked",
-        "other-port-blocked",
-    ] {
-        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    // A cold VM, then a warm one booted with the same network.
+    for warm in [false, true] {
+        let source = fx.dir.path().join("src");
+        fs::create_dir_all(&source).unwrap();
+        let mut spec = fx.spec(&fx.image(), Some(source));
+        spec.network = Network::Egress;
+        spec.network_allow = vec![allowed];
+        if warm {
+            let mut t = warm_template(&fx, "vm", &[]);
+            t.network = Network::Egress;
+            t.network_allow = vec![allowed];
+            fx.provider.keep_warm(t);
+            wait_warm(&fx.provider, "vm", 1).await;
+        }
+        let name = spec.job_id.resource_name();
+        let (mut worker, seen) = run_job(&fx.provider, spec, &script).await;
+        let out = &seen.output;
+        assert!(seen.success, "{out}");
+        assert_eq!(
+            fx.root().join(&name).join("vm-name").is_file(),
+            warm,
+            "warm: {warm}"
+        );
+        assert!(
+            out.contains(&format!("10.0.2.100:{} {allowed}", allowed.port())),
+            "{out}"
+        );
+        for want in [
+            "pong-allowed",
+            "gateway-blocked",
+            "host-blocked",
+            "other-port-blocked",
+        ] {
+            assert!(out.contains(want), "warm: {warm}: no {want:?} in:\n{out}");
+        }
+        assert!(!out.contains("pong-denied"), "{out}");
+        assert_eq!(exit_code(&mut worker).await, 0);
+        fx.provider.destroy(&name).await.unwrap();
+        fx.assert_gone(&name);
     }
-    assert!(!out.contains("pong-denied"), "{out}");
-    assert!(allowed_hits.load(Ordering::SeqCst) >= 1);
-    assert_eq!(denied_hits.load(Ordering::SeqCst), 0, "{out}");
-    assert_eq!(exit_code(&mut worker).await, 0);
-    fx.provider.destroy(&name).await.unwrap();
-    fx.assert_gone(&name);
+    assert!(allowed_hits.load(Ordering::SeqCst) >= 2);
+    assert_eq!(denied_hits.load(Ordering::SeqCst), 0);
+    fx.provider.stop_warm().await;
+    assert!(
+        qemu_under(&fx.root()).is_empty(),
+        "{:?}",
+        qemu_under(&fx.root())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -453,6 +453,8 @@ impl App {
                         )
                     })
                     .collect(),
+                network: pool.network,
+                network_allow: pool.network_allow.clone(),
             });
             tracing::info!(pool = %pool.name, warm = pool.warm, "keeping vms warm");
         }

@@ -57,6 +57,8 @@ pub struct WarmTemplate {
     /// `(target, read_only)` of the pool's shared caches, in order: a job's
     /// `spec.mounts` must match them to take a warm VM.
     pub mounts: Vec<(String, bool)>,
+    pub network: slate_core::config::Network,
+    pub network_allow: Vec<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for WarmTemplate {
@@ -76,6 +78,8 @@ pub(super) struct WarmVm {
     memory_mb: u64,
     cpus: u32,
     mounts: Vec<(String, bool)>,
+    network: slate_core::config::Network,
+    network_allow: Vec<std::net::SocketAddr>,
     agent_version: String,
     conn: UnixStream,
     running: Running,
@@ -350,8 +354,8 @@ impl QemuProvider {
                 workspace: Some(&workspace),
                 shares: &shares,
                 late: true,
-                network: slate_core::config::Network::None,
-                allow: &[],
+                network: t.network,
+                allow: &t.network_allow,
             })
             .await?;
 
@@ -413,6 +417,8 @@ impl QemuProvider {
             memory_mb,
             cpus,
             mounts: t.mounts.clone(),
+            network: t.network,
+            network_allow: t.network_allow.clone(),
             agent_version,
             conn,
             running,
@@ -421,7 +427,7 @@ impl QemuProvider {
 
     /// An idle warm VM of `spec.pool` booted exactly as `spec` asks, taken out of the pool.
     pub(super) fn take_warm(&self, spec: &WorkerSpec) -> Option<WarmVm> {
-        if spec.network != slate_core::config::Network::None || spec.source.is_none() {
+        if spec.source.is_none() {
             return None;
         }
         let image = spec.image.canonicalize().ok()?;
@@ -439,6 +445,8 @@ impl QemuProvider {
                 && vm.memory_mb == memory_mb
                 && vm.cpus == cpus
                 && vm.mounts == mounts
+                && vm.network == spec.network
+                && vm.network_allow == spec.network_allow
         })?;
         let vm = q.remove(at);
         drop(ready);
