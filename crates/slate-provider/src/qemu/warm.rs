@@ -427,9 +427,8 @@ impl QemuProvider {
 
     /// An idle warm VM of `spec.pool` booted exactly as `spec` asks, taken out of the pool.
     pub(super) fn take_warm(&self, spec: &WorkerSpec) -> Option<WarmVm> {
-        if spec.source.is_none() {
-            return None;
-        }
+        // The workspace share is always bound; a job without a tree boots cold.
+        spec.source.as_ref()?;
         let image = spec.image.canonicalize().ok()?;
         let (memory_mb, cpus) = self.size_of(&spec.limits);
         let mounts: Vec<(String, bool)> = spec
