@@ -811,6 +811,7 @@ async fn egress_reaches_the_internet_and_allowed_endpoints_only() {
     // Every address of the host, loopback included.
     let host_any = Listener::bind("0.0.0.0:0", "host-any");
     let allowed_host = Listener::bind(&format!("{}:0", dummy.addr), "allowed-host");
+    let host_v6 = Listener::bind("[::]:0", "host-v6");
 
     // Job B: a listener of its own, which job A must not reach.
     let mut b = fx.spec(
@@ -850,8 +851,16 @@ async fn egress_reaches_the_internet_and_allowed_endpoints_only() {
             port,
         ),
         ("job-b", b_addr.clone(), 9000),
+        // IPv6 to the host end of the job's own veth (link-local, the only IPv6 a job has).
+        ("host-v6", "$LL".to_string(), host_v6.addr.port()),
     ];
-    let mut a = fx.spec(&probe_script(&probes));
+    // The host end's link-local address is known only once the veth exists: the test
+    // hands it over through the socket dir, the job waits for it and for its own DAD.
+    let mut a = fx.spec(&format!(
+        "while [ ! -s /run/slate/ll ]; do sleep 0.05; done; LL=$(cat /run/slate/ll)\n\
+         for i in $(seq 50); do ip -6 addr show dev eth0 | grep -q tentative || break; sleep 0.1; done\n{}",
+        probe_script(&probes)
+    ));
     a.network = Network::Egress;
     a.network_allow = vec![
         format!("{}:8082", inet.private).parse().unwrap(),
@@ -860,6 +869,26 @@ async fn egress_reaches_the_internet_and_allowed_endpoints_only() {
     let a_sock = fx.sock_dir(a.job_id);
     let a_name = a.job_id.resource_name();
     let mut a_worker = fx.provider.provision(a).await.unwrap();
+    let a_veth = format!("slv{}", a_name.trim_start_matches("slate-"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ll = loop {
+        let out = ip(&["-j", "-6", "addr", "show", "dev", &a_veth]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let ready = v[0]["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["scope"] == "link" && a.get("tentative").is_none());
+        if let Some(a) = ready {
+            break a["local"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no link-local address on {a_veth}: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    fs::write(a_sock.join("ll"), format!("{ll}%eth0\n")).unwrap();
     assert_eq!(exit_code(&mut a_worker).await, 0);
     let seen = |l: &str| probe_result(&a_sock, l);
     eprintln!(
@@ -886,6 +915,7 @@ async fn egress_reaches_the_internet_and_allowed_endpoints_only() {
         seen("allowed-host")
     );
     for label in [
+        "host-v6",
         "private-inet",
         "loopback",
         "primary",
@@ -904,6 +934,7 @@ async fn egress_reaches_the_internet_and_allowed_endpoints_only() {
         assert!(!got.contains("rc=0"), "{label}: nc succeeded: {got}");
     }
     assert_eq!(host_any.accepted(), 0, "a job reached a host service");
+    assert_eq!(host_v6.accepted(), 0, "a job reached the host over IPv6");
     assert_eq!(
         private_inet.accepted(),
         0,
