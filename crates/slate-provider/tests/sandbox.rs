@@ -1189,3 +1189,43 @@ async fn an_egress_provision_that_fails_rolls_back_and_spares_a_foreign_veth() {
     drop(foreign);
     assert_eq!(fx.leaks(), Vec::<String>::new(), "{name}");
 }
+
+/// Jobs provisioned at once whose ids share a slot (`id mod 16384`) get distinct /30s, and
+/// each reaches the internet through its own.
+#[tokio::test]
+async fn concurrent_egress_jobs_with_colliding_slots_get_distinct_addresses() {
+    let mut fx = Fixture::new();
+    let inet = Internet::new(3);
+    let public = Listener::bind_in(&inet.path(), &format!("{}:8080", inet.public), "public-ok");
+    let first = unique_job_id().0;
+    let mut specs = Vec::new();
+    for k in 0..3 {
+        let mut spec = fx.spec(&probe_script(&[("public", inet.public.clone(), 8080)]));
+        spec.job_id = JobId(first + 16384 * k);
+        fx.names.push(spec.job_id.resource_name());
+        spec.network = Network::Egress;
+        specs.push(spec);
+    }
+    let socks: Vec<PathBuf> = specs
+        .iter()
+        .map(|s| s.agent_socket.parent().unwrap().to_path_buf())
+        .collect();
+    let names: Vec<String> = specs.iter().map(|s| s.job_id.resource_name()).collect();
+    let p = &fx.provider;
+    let workers = futures::future::join_all(specs.into_iter().map(|s| p.provision(s))).await;
+    let mut addrs = Vec::new();
+    for (w, (sock, name)) in workers.into_iter().zip(socks.iter().zip(&names)) {
+        let mut w = w.unwrap();
+        addrs.push(job_address(name));
+        assert_eq!(exit_code(&mut w).await, 0);
+        let got = probe_result(sock, "public");
+        assert!(got.starts_with("public-ok\n"), "{name}: {got}");
+    }
+    let distinct: std::collections::BTreeSet<&String> = addrs.iter().collect();
+    assert_eq!(distinct.len(), 3, "{addrs:?}");
+    assert_eq!(public.accepted(), 3);
+    for name in &names {
+        fx.provider.destroy(name).await.unwrap();
+    }
+    assert_eq!(fx.leaks(), Vec::<String>::new());
+}
