@@ -296,3 +296,175 @@ fn filling_the_disk_stops_at_the_quota() {
     s.assert_no_leaks();
     s.shutdown_clean();
 }
+
+/// Runs `ip <args>`; panics with its stderr on failure.
+fn ip(args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// "The internet": netns `slate-hostile-inet-<pid>` behind a veth from the host,
+/// 198.51.100.29/30 on the host, .30 inside, answering `public-ok` on port 8080 (busybox
+/// nc run in the namespace). Removed on drop, even when the test fails.
+struct Internet {
+    netns: String,
+    veth: String,
+    server: std::process::Child,
+}
+
+impl Internet {
+    const PUBLIC: &'static str = "198.51.100.30";
+
+    fn new() -> Self {
+        let pid = std::process::id();
+        let (netns, veth) = (format!("slate-hostile-inet-{pid}"), format!("sth{pid}"));
+        ip(&["netns", "add", &netns]);
+        let mut inet = Internet {
+            server: std::process::Command::new("true").spawn().unwrap(),
+            netns,
+            veth,
+        };
+        let (n, v) = (inet.netns.clone(), inet.veth.clone());
+        ip(&[
+            "link", "add", &v, "type", "veth", "peer", "name", "eth0", "netns", &n,
+        ]);
+        ip(&["addr", "add", "198.51.100.29/30", "dev", &v]);
+        ip(&["link", "set", &v, "up"]);
+        ip(&["-n", &n, "addr", "add", "198.51.100.30/30", "dev", "eth0"]);
+        ip(&["-n", &n, "link", "set", "eth0", "up"]);
+        ip(&["-n", &n, "route", "add", "default", "via", "198.51.100.29"]);
+        let _ = inet.server.wait();
+        inet.server = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &n, "busybox", "nc", "-ll", "-p", "8080", "-e",
+            ])
+            .args(["busybox", "echo", "public-ok"])
+            .spawn()
+            .unwrap();
+        inet
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        for args in [
+            vec!["link", "del", self.veth.as_str()],
+            vec!["netns", "del", self.netns.as_str()],
+        ] {
+            let _ = std::process::Command::new("ip").args(&args).output();
+        }
+    }
+}
+
+/// With `network = "egress"`, through the server: the job reaches a public address, and
+/// not the server, a service on every host address, the host end of its own veth,
+/// private and metadata addresses, or a concurrent egress job; it cannot re-address or
+/// re-route itself.
+#[test]
+fn egress_reaches_the_internet_but_not_the_host_private_ranges_or_another_job() {
+    let inet = Internet::new();
+    // A service on every address of the host, loopback included.
+    let host_service = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    host_service.set_nonblocking(true).unwrap();
+    let hp = host_service.local_addr().unwrap().port();
+    let s = Slate::start(Options {
+        steps: r#"{ name = "hostile", run = "sh hostile.sh", timeout = "60s" },"#.into(),
+        pool_limits: r#"{ memory = "128MiB", pids = 64, timeout = "90s", log = "1MiB" }"#.into(),
+        pool_extra: r#"network = "egress""#.into(),
+        max_jobs: 2,
+        ..Default::default()
+    });
+    let port = s.url.rsplit(':').next().unwrap().to_string();
+    let primary = {
+        let out = ip(&["-j", "route", "get", "203.0.113.1"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0]["prefsrc"].as_str().unwrap().to_string()
+    };
+
+    // Job 1 listens on its own address for the second to try.
+    let listener = "printf '#!/bin/sh\\necho other-job\\n' > /tmp/srv; chmod +x /tmp/srv\n\
+                    nc -ll -p 9000 -e /tmp/srv & sleep 0.3\n\
+                    nc -w 2 127.0.0.1 9000 </dev/null | grep -q other-job && echo self-ok\n\
+                    sleep 15\n";
+    let (b0, h0) = s.make_pr(1, "listener", "hostile.sh", listener);
+    s.webhook(
+        "pull_request",
+        "d-listener",
+        &s.pr_event("opened", 1, "listener", &h0, &b0),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let other = loop {
+        let first = s.get("/api/v1/builds?pr=1")[0]["jobs"][0]["id"].as_i64();
+        let veth = first.map(|id| format!("slv{id}")).unwrap_or_default();
+        if !veth.is_empty() && std::path::Path::new("/sys/class/net").join(&veth).exists() {
+            let out = ip(&["-j", "-4", "addr", "show", "dev", &veth]);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            if let Some(host) = v[0]["addr_info"][0]["local"].as_str() {
+                let host: std::net::Ipv4Addr = host.parse().unwrap();
+                break std::net::Ipv4Addr::from(u32::from(host) + 1).to_string();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job 1 got no veth: {}",
+            s.server_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let public = Internet::PUBLIC;
+    let script = format!(
+        r#"
+fail=0
+try() {{ if timeout 5 nc -w 2 $2 $3 </dev/null 2>/dev/null | grep -q .; then echo "REACHED: $1"; fail=1; else echo "unreachable: $1"; fi; }}
+check() {{ if eval "$2" >/dev/null 2>&1; then echo "ALLOWED: $1"; fail=1; else echo "refused: $1"; fi; }}
+gw=$(ip route | awk '/^default/ {{print $3}}')
+echo "gateway $gw"
+try other-job {other} 9000
+try server-loopback 127.0.0.1 {port}
+try host-service-primary {primary} {hp}
+try host-service-gateway $gw {hp}
+try private-range 10.0.2.2 80
+try metadata 169.254.169.254 80
+check re-address 'ip addr add 100.127.255.250/30 dev eth0'
+check re-route 'ip route add 10.0.0.0/8 via $gw'
+check raw-socket 'ping -c1 -W1 $gw'
+if timeout 5 nc -w 2 {public} 8080 </dev/null | grep -q public-ok; then echo "reached: public"; else echo "PUBLIC UNREACHABLE"; fail=1; fi
+exit $fail
+"#
+    );
+    let j = run_hostile(&s, 2, &script);
+    let log = s.log(j["id"].as_i64().unwrap());
+    eprintln!("{log}");
+    assert!(
+        !log.contains("REACHED") && !log.contains("ALLOWED"),
+        "{log}"
+    );
+    assert!(log.contains("reached: public"), "{log}");
+    assert_eq!(j["state"], "succeeded", "{log}");
+    assert!(
+        host_service.accept().is_err(),
+        "a job connected to the host service"
+    );
+    // Job 1's listener was there to be reached: it answered job 1 itself.
+    let first = s.get("/api/v1/builds?pr=1")[0]["jobs"][0]["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(s.wait_terminal(first)["state"], "succeeded");
+    assert!(s.log(first).contains("self-ok"), "{}", s.log(first));
+    assert_eq!(s.get_text("/healthz").trim(), "ok");
+    s.assert_no_leaks();
+    drop(inet);
+    s.shutdown_clean();
+}

@@ -373,6 +373,32 @@ fn kill_9_mid_job_leaves_nothing_and_the_job_runs_again() {
 }
 
 #[test]
+fn kill_9_mid_egress_job_leaves_no_netns_veth_or_chain_and_the_job_runs_again() {
+    let mut s = Slate::start(Options {
+        steps: r#"{ name = "work", run = "echo started; sleep 3; echo finished" },"#.into(),
+        pool_limits: r#"{ memory = "128MiB", pids = 64, timeout = "2m" }"#.into(),
+        pool_extra: r#"network = "egress""#.into(),
+        ..Default::default()
+    });
+    let id = open_pr(&s, 1, "greeting.txt", "crash me\n");
+    s.wait_job(id, "mid-step", Duration::from_secs(60), |j| {
+        j["state"] == "running" && s.log(id).contains("started")
+    });
+    // The network is there for recovery to find: namespace mount, veth, chains.
+    let live = s.leaks().join("\n");
+    for kind in [
+        "/netns",
+        "veth slv",
+        "nft chain inet slate in_",
+        "nft chain inet slate fwd_",
+    ] {
+        assert!(live.contains(kind), "no {kind} before the crash: {live}");
+    }
+    crash_restart_and_check(&mut s, id, false);
+    s.shutdown_clean();
+}
+
+#[test]
 fn kill_9_while_provisioning_leaves_nothing_and_the_job_runs_again() {
     let dir = tempfile::Builder::new()
         .prefix("slate-rel-rt-")

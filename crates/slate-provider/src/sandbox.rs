@@ -12,6 +12,8 @@
 //!                  /disk.img, /disk                with `limits.disk`: a sparse ext4 file,
 //!                                                  loop-mounted; upper, work, ws-upper,
 //!                                                  ws-work (and a plain workspace) move in
+//!                  /netns          with `network = "egress"`: the job's network
+//!                                  namespace (an nsfs bind mount), see [`net`]
 //! ```
 //!
 //! The disk quota is a filesystem of the job's own rather than a tmpfs with `size=`:
@@ -24,10 +26,12 @@
 
 mod bundle;
 pub(crate) mod host;
+pub mod net;
 
 use crate::{Provider, ProviderError, Result, Worker, WorkerSpec, AGENT_PATH};
 use async_trait::async_trait;
 use slate_core::config::Network;
+use slate_core::JobId;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io;
@@ -61,6 +65,9 @@ pub struct SandboxProvider {
     /// the last worker is gone, so a new worker never loses its scope under runc.
     scope_lock: Arc<Mutex<()>>,
     running: Arc<Mutex<HashMap<String, Running>>>,
+    /// Workers `list()` found only by their nftables chains: `destroy` then removes the
+    /// chains even without a namespace or veth to show for them.
+    net_leftovers: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl SandboxProvider {
@@ -73,6 +80,7 @@ impl SandboxProvider {
             scope_lock: Arc::default(),
             root,
             running: Arc::default(),
+            net_leftovers: Arc::default(),
         }
     }
 
@@ -173,6 +181,32 @@ impl SandboxProvider {
 
         create_mount_point_file(&rootfs, AGENT_PATH)?;
 
+        let netns = match spec.network {
+            Network::None => None,
+            Network::Egress => {
+                let (scope, id, dir) =
+                    (self.cgroup_parent.clone(), spec.job_id.0, job.to_path_buf());
+                let allow = spec.network_allow.clone();
+                let t0 = Instant::now();
+                let ns = tokio::task::spawn_blocking(move || {
+                    net::setup(&net::JobNet {
+                        id,
+                        scope: &scope,
+                        job: &dir,
+                        allow: &allow,
+                    })
+                })
+                .await
+                .map_err(|e| ProviderError::Other(format!("network task: {e}")))??;
+                tracing::debug!(
+                    job.id = id,
+                    duration_ms = t0.elapsed().as_millis() as u64,
+                    "egress network ready"
+                );
+                Some(ns)
+            }
+        };
+
         let spec_json = bundle::build_spec(&bundle::BundleParams {
             name,
             cgroup_parent: &self.cgroup_parent,
@@ -184,6 +218,7 @@ impl SandboxProvider {
             token: &spec.agent_token,
             limits: &spec.limits,
             swap_limit: swap_accounting(),
+            netns: netns.as_deref(),
         })
         .map_err(|e| ProviderError::Other(format!("build oci spec: {e}")))?;
         let json = serde_json::to_vec_pretty(&spec_json)
@@ -373,6 +408,25 @@ impl SandboxProvider {
             }
         }
 
+        // The network before the mounts: its namespace is one of them, and chains and
+        // veth are only found (by name and owner) while they exist.
+        let id: i64 = name["slate-".len()..].parse().unwrap_or(-1);
+        let leftover = self
+            .net_leftovers
+            .lock()
+            .expect("net leftovers poisoned")
+            .contains(name);
+        if net::netns_path(&job).exists() || net::has_veth(&self.cgroup_parent, id) || leftover {
+            let (scope, dir) = (self.cgroup_parent.clone(), job.clone());
+            tokio::task::spawn_blocking(move || net::teardown(&scope, id, &dir))
+                .await
+                .map_err(|e| ProviderError::Other(format!("network task: {e}")))??;
+            self.net_leftovers
+                .lock()
+                .expect("net leftovers poisoned")
+                .remove(name);
+        }
+
         // Blocking work (cgroup waits, removing a big upper layer) off the async threads.
         let name = name.to_string();
         let cgroup_parent = self.cgroup_parent.clone();
@@ -412,14 +466,6 @@ impl Provider for SandboxProvider {
     async fn provision(&self, spec: WorkerSpec) -> Result<Worker> {
         let started = Instant::now();
         let name = spec.job_id.resource_name();
-        match spec.network {
-            Network::None => {}
-            Network::Egress => {
-                return Err(ProviderError::Spec(
-                    "network = \"egress\" is not supported by the sandbox provider yet".into(),
-                ))
-            }
-        }
         for dir in [self.root.clone(), self.root.join(".runc")] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -498,6 +544,19 @@ impl Provider for SandboxProvider {
                         names.insert(first.into_owned());
                     }
                 }
+            }
+        }
+        // Half-made or half-removed egress networks: a veth or chains of this scope.
+        let scope = self.cgroup_parent.clone();
+        let net_ids = tokio::task::spawn_blocking(move || net::leftovers(&scope))
+            .await
+            .map_err(|e| ProviderError::Other(format!("network task: {e}")))?;
+        let mut leftovers = self.net_leftovers.lock().expect("net leftovers poisoned");
+        for id in net_ids {
+            let name = JobId(id).resource_name();
+            if valid_name(&name) {
+                leftovers.insert(name.clone());
+                names.insert(name);
             }
         }
         Ok(names.into_iter().collect())

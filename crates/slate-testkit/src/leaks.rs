@@ -1,4 +1,4 @@
-//! Leak checks for sandbox workers: mounts, loop devices, cgroups, runc containers, processes, directories.
+//! Leak checks for sandbox workers: mounts, loop devices, cgroups, runc containers, processes, directories, egress veths and nftables chains.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -7,7 +7,9 @@ use std::process::Command;
 /// Describes everything a sandbox provider rooted at `root` left behind: mounts under
 /// `root`, loop devices (`losetup -a`) backed by a file under `root`, cgroups `/sys/fs/cgroup/*/<cgroup_scope(root)>/slate-*`, containers in `<root>/.runc`,
 /// processes in such a cgroup or whose command line mentions `root`, and
-/// `slate-*` entries in `root`. Empty means clean.
+/// `slate-*` entries in `root`, egress veths `slv*` marked with the root's scope (and, for
+/// the given names, any `slv<id>`), and chains or map entries of that scope in nftables'
+/// `inet slate` (its namespaces are mounts under `root`, covered above). Empty means clean.
 ///
 /// The cgroup and process checks are host-wide: another test suite running sandboxes at
 /// the same time shows up here. Tests that can run next to others use [`slate_leaks_of`].
@@ -128,6 +130,82 @@ fn leaks(root: &Path, names: Option<&[String]>) -> Vec<String> {
                 out.push(format!("entry {}", e.path().display()));
             }
         }
+    }
+    out.extend(net_leaks(&scope, names));
+    out
+}
+
+/// Egress leftovers of the scope `slate/<hash>`: veths and nftables chains and elements.
+fn net_leaks(scope: &str, names: Option<&[String]>) -> Vec<String> {
+    let mut out = Vec::new();
+    let wanted = |name: &str| -> bool {
+        name.starts_with("slate-") && names.is_none_or(|n| n.iter().any(|w| w == name))
+    };
+    // With names given, a wanted id's veth or element is reported whoever marked it:
+    // the tests' ids are unique on the host.
+    let named = |worker: &str| names.is_some_and(|n| n.iter().any(|w| w == worker));
+    let owner_prefix = format!("{scope}/");
+    // `slv<id>` ↔ `slate-<id>`.
+    let worker_of = |veth: &str| veth.strip_prefix("slv").map(|id| format!("slate-{id}"));
+    if let Ok(links) = fs::read_dir("/sys/class/net") {
+        for l in links.flatten() {
+            let ifname = l.file_name().to_string_lossy().into_owned();
+            let Some(worker) = worker_of(&ifname) else {
+                continue;
+            };
+            let alias = fs::read_to_string(l.path().join("ifalias")).unwrap_or_default();
+            let alias = alias.trim();
+            let ours = alias.starts_with(&owner_prefix);
+            if (ours && wanted(alias.rsplit('/').next().unwrap_or(""))) || named(&worker) {
+                out.push(format!("veth {ifname} (alias {alias:?})"));
+            }
+        }
+    }
+    let hash = scope.rsplit('/').next().unwrap_or(scope);
+    let Ok(o) = Command::new("nft")
+        .args(["-j", "list", "table", "inet", "slate"])
+        .output()
+    else {
+        return out;
+    };
+    if !o.status.success() {
+        return out;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let ours = |chain: &str| -> bool {
+        ["in_", "fwd_"].iter().any(|k| {
+            chain
+                .strip_prefix(k)
+                .and_then(|rest| rest.strip_prefix(hash))
+                .and_then(|rest| rest.strip_prefix('_'))
+                .is_some_and(|id| wanted(&format!("slate-{id}")))
+        })
+    };
+    let mut job_chains = 0;
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        if let Some(chain) = item["chain"]["name"].as_str() {
+            if chain.starts_with("in_") || chain.starts_with("fwd_") {
+                job_chains += 1;
+            }
+            if ours(chain) {
+                out.push(format!("nft chain inet slate {chain}"));
+            }
+        }
+        let map = &item["map"];
+        for el in map["elem"].as_array().into_iter().flatten() {
+            let key = el[0].as_str().unwrap_or_default();
+            let target = el[1]["jump"]["target"].as_str().unwrap_or_default();
+            if ours(target) || worker_of(key).is_some_and(|w| named(&w)) {
+                out.push(format!(
+                    "nft element {key} -> {target} in inet slate {}",
+                    map["name"].as_str().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    // The last job of every slate on the host takes the table with it.
+    if job_chains == 0 {
+        out.push("nft table inet slate with no job left".to_string());
     }
     out
 }

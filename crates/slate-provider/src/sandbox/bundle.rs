@@ -34,13 +34,17 @@ pub struct BundleParams<'a> {
     pub mounts: &'a [crate::WorkerMount],
     pub token: &'a Secret,
     pub limits: &'a Limits,
+    /// With `network = "egress"`: the job's network namespace (see [`super::net`]), joined
+    /// instead of a new, loopback-only one.
+    pub netns: Option<&'a Path>,
     /// Whether the memory controller accounts swap (cgroup v1 `memsw` or v2); without it
     /// runc refuses a swap limit.
     pub swap_limit: bool,
 }
 
 /// Capabilities of the default Docker/runc set, minus NET_RAW: build code has no use for
-/// raw sockets (the network is loopback only), and they are a classic attack surface.
+/// raw sockets (the network is loopback only, or filtered egress that raw packets could
+/// spoof around), and they are a classic attack surface.
 const CAPABILITIES: [Capability; 13] = [
     Capability::Chown,
     Capability::DacOverride,
@@ -57,7 +61,8 @@ const CAPABILITIES: [Capability; 13] = [
     Capability::AuditWrite,
 ];
 
-/// The runtime spec of a worker: agent as PID 1, network none, default runc hardening.
+/// The runtime spec of a worker: agent as PID 1, network none (or the given egress
+/// namespace), default runc hardening.
 pub fn build_spec(p: &BundleParams<'_>) -> Result<Spec, OciSpecError> {
     let caps: HashSet<Capability> = CAPABILITIES.into_iter().collect();
     let capabilities = LinuxCapabilitiesBuilder::default()
@@ -126,11 +131,20 @@ pub fn build_spec(p: &BundleParams<'_>) -> Result<Spec, OciSpecError> {
         LinuxNamespaceType::Mount,
         LinuxNamespaceType::Ipc,
         LinuxNamespaceType::Uts,
-        // A fresh network namespace holds only loopback: network `none`.
-        LinuxNamespaceType::Network,
     ]
     .into_iter()
     .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
+    .chain(std::iter::once(match p.netns {
+        // Made and filtered by slate before the container starts: network `egress`.
+        Some(path) => LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Network)
+            .path(path)
+            .build(),
+        // A fresh network namespace holds only loopback: network `none`.
+        None => LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Network)
+            .build(),
+    }))
     .collect::<Result<Vec<_>, _>>()?;
 
     let mut resources = LinuxResourcesBuilder::default().devices(vec![
@@ -209,6 +223,10 @@ mod tests {
     use std::time::Duration;
 
     fn spec(limits: Limits) -> serde_json::Value {
+        spec_with(limits, None)
+    }
+
+    fn spec_with(limits: Limits, netns: Option<&Path>) -> serde_json::Value {
         let token = Secret::new("tok");
         let s = build_spec(&BundleParams {
             name: "slate-9",
@@ -221,6 +239,7 @@ mod tests {
             token: &token,
             limits: &limits,
             swap_limit: true,
+            netns,
         })
         .unwrap();
         serde_json::to_value(&s).unwrap()
@@ -279,6 +298,26 @@ mod tests {
         ] {
             assert!(!caps.iter().any(|c| c == denied), "{denied} granted");
         }
+    }
+
+    #[test]
+    fn egress_joins_the_given_network_namespace() {
+        let limits = Limits {
+            memory_bytes: None,
+            pids: None,
+            cpus: None,
+            timeout: Duration::from_secs(60),
+            disk_bytes: None,
+        };
+        let v = spec_with(limits, Some(Path::new("/jobs/slate-9/netns")));
+        let net: Vec<&serde_json::Value> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["type"] == "network")
+            .collect();
+        assert_eq!(net.len(), 1);
+        assert_eq!(net[0]["path"], "/jobs/slate-9/netns");
     }
 
     #[test]

@@ -120,6 +120,13 @@ pub fn detach_loops_under(dir: &Path) -> io::Result<()> {
         }
         tracing::warn!(device = %dev.display(), dir = %dir.display(), "detached a leftover loop device");
     }
+    // Autoclear runs down the device after the last close in a kernel work item, so it can
+    // still be listed a moment after the unmount: wait, so that `destroy` returning means
+    // no loop device is left (bounded; a stuck one stays for the next destroy or recovery).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !loops_under(dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     Ok(())
 }
 
