@@ -26,6 +26,7 @@ pub use recipe::{Base, FileSpec, Output, Recipe, RecipeError, RecipeErrors};
 pub use store::{
     gc, list, resolve, versions, GcReport, ImageInfo, ImageMeta, ResolvedImage, StageTiming,
 };
+pub use vm::SLATE_INIT;
 
 use std::path::PathBuf;
 

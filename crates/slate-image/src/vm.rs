@@ -92,9 +92,10 @@ umount /proc /sys
 exec switch_root /newroot "$init"
 "#;
 
-/// The disk's `/sbin/slate-init` (from `slate_testkit::vm_image::GUEST_INIT`, on its own
-/// busybox): workspace, caches, token, agent on virtio-serial, then power off.
-pub(crate) const SLATE_INIT: &str = r#"#!/usr/local/lib/slate/busybox sh
+/// The disk's `/sbin/slate-init` (on its own busybox): token, network, agent on
+/// virtio-serial with the prepare script that mounts workspace and caches, then power off.
+/// `slate_testkit::vm_image` boots the same script on its busybox at `/bin`.
+pub const SLATE_INIT: &str = r#"#!/usr/local/lib/slate/busybox sh
 # slate VM guest init: workspace overlay, token from fw_cfg, agent on virtio-serial.
 export PATH=/usr/local/lib/slate/bin
 mount -t proc proc /proc

@@ -14,15 +14,16 @@
 //! 1. initramfs `/init` ([`INITRD_INIT`]): mounts proc/sys/devtmpfs, `insmod`s virtio_pci,
 //!    virtio_blk, virtio_console, ext4 (+crc32c), 9p/9pnet_virtio, overlay, qemu_fw_cfg in
 //!    dependency order (from modules.dep), mounts `/dev/vda` and `switch_root`s into it.
-//! 2. disk `/sbin/init` ([`GUEST_INIT`]): mounts /run, mounts the 9p share `workspace`
-//!    read-only under an overlay with a tmpfs upper at `/workspace`, mounts the shared
-//!    caches listed in fw_cfg `opt/slate/mounts` (`<9p tag> <target> ro|rw` lines, in
-//!    order, after the workspace so a target inside it lands on top; a cache that cannot
-//!    be mounted powers the VM off), reads the job token
-//!    from fw_cfg `opt/slate/token` then unloads qemu_fw_cfg (steps cannot read it again),
-//!    finds the virtio-serial port named `org.slate.agent` and runs
-//!    `slate-agent --connect /dev/vportNpM` with `SLATE_AGENT_TOKEN`; when the agent
-//!    exits it powers off (`poweroff -f`), which ends qemu (`-no-reboot`).
+//! 2. disk `/sbin/init` ([`guest_init`], slate-image's `slate-init` on this image's
+//!    busybox): copies fw_cfg's mounts/forwards/late entries to `/run/slate`, reads the
+//!    job token from fw_cfg `opt/slate/token` then unloads qemu_fw_cfg (steps cannot read
+//!    it again), configures `eth0` if the VM has a NIC, finds the virtio-serial port
+//!    named `org.slate.agent` and runs `slate-agent --connect /dev/vportNpM --prepare
+//!    /run/slate/prepare` with `SLATE_AGENT_TOKEN`; `prepare`, run once the job is known,
+//!    mounts the 9p share `workspace` read-only under a tmpfs overlay at `/workspace` and
+//!    the caches (a cache that cannot be mounted fails the worker); when the agent exits
+//!    the guest powers off (`poweroff -f`), which ends qemu (`-no-reboot`). See
+//!    `docs/images.md` for the whole guest contract.
 //!
 //! The kernel comes from `/opt/slate-vm/kernel` (a Debian linux-image package unpacked by
 //! `scripts/vm-deps.sh`) or else from the host's `/boot` + `/lib/modules`.
@@ -84,87 +85,16 @@ umount /proc /sys
 exec switch_root /newroot /sbin/init
 "#;
 
-/// The disk's `/sbin/init`: runs the agent on the virtio-serial port, then powers off.
-pub const GUEST_INIT: &str = r#"#!/bin/sh
-# slate VM guest init: workspace overlay, token from fw_cfg, agent on virtio-serial.
-export PATH=/usr/local/bin:/bin:/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-grep -q " /dev " /proc/mounts || mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
-mount -t tmpfs -o mode=755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-hostname slate-vm
-# Shares are mounted by /run/slate/prepare, which the agent runs once the job is known
-# (a warm VM boots before its job exists). fw_cfg goes away with the token below, so
-# what prepare needs of it is copied now.
-mkdir -p /run/slate
-fw=/sys/firmware/qemu_fw_cfg/by_name/opt/slate
-[ -r $fw/mounts/raw ] && cat $fw/mounts/raw > /run/slate/mounts
-[ -e $fw/late/raw ] && : > /run/slate/late
-[ -r $fw/forwards/raw ] && cat $fw/forwards/raw > /run/slate/forwards
-cat > /run/slate/prepare <<'PREPARE'
-#!/bin/sh
-export PATH=/usr/local/bin:/bin:/sbin
-# The source tree: read-only 9p below, tmpfs above, so steps can write. In a warm VM
-# every share's content is bound (by slate, on the host) into its job/ subdirectory.
-sub=
-[ -e /run/slate/late ] && sub=/job
-mkdir -p /run/ws/9p /run/ws/upper /run/ws/work /workspace
-if mount -t 9p -o trans=virtio,version=9p2000.L,ro workspace /run/ws/9p 2>/dev/null; then
-  mount -t overlay overlay -o lowerdir=/run/ws/9p$sub,upperdir=/run/ws/upper,workdir=/run/ws/work /workspace \
-    || { echo "slate-vm: cannot mount the workspace overlay"; exit 1; }
-fi
-# Shared caches: "<9p tag> <target> ro|rw" lines. Missing caches would make a job's writes
-# vanish silently, so a cache that cannot be mounted fails the job's worker.
-[ -r /run/slate/mounts ] || exit 0
-while read -r tag target mode; do
-  [ -n "$tag" ] || continue
-  case "$mode" in
-    ro) opts=trans=virtio,version=9p2000.L,ro ;;
-    rw) opts=trans=virtio,version=9p2000.L ;;
-    *) echo "slate-vm: bad mode '$mode' for cache $tag"; exit 1 ;;
-  esac
-  if [ -z "$sub" ]; then
-    mkdir -p "$target" && mount -t 9p -o "$opts" "$tag" "$target"
-  else
-    mkdir -p "/run/9p/$tag" "$target" && mount -t 9p -o "$opts" "$tag" "/run/9p/$tag" \
-      && mount --bind "/run/9p/$tag$sub" "$target"
-  fi || { echo "slate-vm: cannot mount cache $tag at $target"; exit 1; }
-  echo "slate-vm: cache $tag at $target ($mode)"
-done < /run/slate/mounts
-PREPARE
-chmod 700 /run/slate/prepare
-tokfile=/sys/firmware/qemu_fw_cfg/by_name/opt/slate/token/raw
-[ -r $tokfile ] || { echo "slate-vm: no token in fw_cfg"; poweroff -f; }
-token=$(cat $tokfile)
-# fw_cfg would keep the token readable by every step: unload it (it lives only in the
-# initramfs, which is gone, so steps cannot load it back).
-rmmod qemu_fw_cfg 2>/dev/null
-# Network: none unless the pool has network = "egress"; then qemu's user-mode network
-# (restrict=on), where only the pool's allowed endpoints answer, at the guest addresses
-# /run/slate/forwards lists ("<guest ip:port> <endpoint>" lines).
-ip link set lo up 2>/dev/null
-if [ -e /sys/class/net/eth0 ]; then
-  ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.2.2 \
-    || echo "slate-vm: cannot configure eth0"
-fi
-port=
-i=0
-while [ -z "$port" ]; do
-  if [ -e /dev/virtio-ports/org.slate.agent ]; then port=/dev/virtio-ports/org.slate.agent; fi
-  for n in /sys/class/virtio-ports/*/name; do
-    [ "$(cat "$n" 2>/dev/null)" = org.slate.agent ] && port=/dev/$(basename "$(dirname "$n")")
-  done
-  i=$((i+1)); [ $i -gt 500 ] && { echo "slate-vm: no org.slate.agent port"; poweroff -f; }
-  [ -n "$port" ] || sleep 0.01
-done
-echo "slate-vm: starting agent on $port"
-SLATE_AGENT_TOKEN="$token" /usr/local/bin/slate-agent --connect "$port" --prepare /run/slate/prepare
-echo "slate-vm: agent exited with $?"
-token=
-poweroff -f
-"#;
+/// The disk's `/sbin/init`: slate-image's production `slate-init`, on the busybox at
+/// `/bin` (this image has no `/usr/local/lib/slate`), so VM tests boot what images ship.
+pub fn guest_init() -> String {
+    slate_image::SLATE_INIT
+        .replace("#!/usr/local/lib/slate/busybox sh", "#!/bin/sh")
+        .replace(
+            "export PATH=/usr/local/lib/slate/bin",
+            "export PATH=/usr/local/bin:/bin:/sbin",
+        )
+}
 
 /// `/sbin/init` of the broken image: boots, says so, never starts the agent.
 pub const BROKEN_INIT: &str = r#"#!/bin/sh
@@ -295,7 +225,7 @@ fn build_cached(variant: Variant) -> io::Result<PathBuf> {
     let mut h = Sha256::new();
     h.update(BUILD_VERSION);
     h.update(format!("{variant:?}"));
-    for text in [INITRD_INIT, GUEST_INIT, BROKEN_INIT, CMDLINE, MARKER] {
+    for text in [INITRD_INIT, &guest_init(), BROKEN_INIT, CMDLINE, MARKER] {
         h.update(text);
         h.update([0]);
     }
@@ -348,8 +278,8 @@ fn build(variant: Variant, kernel: &Kernel, agent: &Path, work: &Path) -> io::Re
     chmod(&rootfs.join("usr/local/bin/slate-agent"), 0o755)?;
     fs::write(rootfs.join("etc/slate-vm-image"), format!("{MARKER}\n"))?;
     let init = match variant {
-        Variant::Good => GUEST_INIT,
-        Variant::Broken => BROKEN_INIT,
+        Variant::Good => guest_init(),
+        Variant::Broken => BROKEN_INIT.to_string(),
     };
     fs::write(rootfs.join("sbin/init"), init)?;
     chmod(&rootfs.join("sbin/init"), 0o755)?;
