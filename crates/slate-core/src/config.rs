@@ -9,8 +9,8 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::ops::Range;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -1714,11 +1714,41 @@ steps = [{ name = "install", run = "mpbb install-port {port}" }]
             ]
         );
         for (extra, provider, key, line, needle) in [
-            ("network = \"bridge\"", "sandbox", "pool[0].network", 5, "egress"),
-            ("network = \"egress\"", "exec", "pool[0].network", 5, "sandbox"),
-            ("network_allow = [\"10.0.0.5:3128\"]", "sandbox", "pool[0].network_allow", 5, "needs"),
-            ("network = \"egress\"\nnetwork_allow = [\"proxy:3128\"]", "qemu", "pool[0].network_allow", 6, "ip:port"),
-            ("network = \"egress\"\nnetwork_allow = [\"10.0.0.5\"]", "qemu", "pool[0].network_allow", 6, "ip:port"),
+            (
+                "network = \"bridge\"",
+                "sandbox",
+                "pool[0].network",
+                5,
+                "egress",
+            ),
+            (
+                "network = \"egress\"",
+                "exec",
+                "pool[0].network",
+                5,
+                "sandbox",
+            ),
+            (
+                "network_allow = [\"10.0.0.5:3128\"]",
+                "sandbox",
+                "pool[0].network_allow",
+                5,
+                "needs",
+            ),
+            (
+                "network = \"egress\"\nnetwork_allow = [\"proxy:3128\"]",
+                "qemu",
+                "pool[0].network_allow",
+                6,
+                "ip:port",
+            ),
+            (
+                "network = \"egress\"\nnetwork_allow = [\"10.0.0.5\"]",
+                "qemu",
+                "pool[0].network_allow",
+                6,
+                "ip:port",
+            ),
         ] {
             let e = Config::parse(&pool(extra, provider), "x.toml").unwrap_err();
             assert_eq!(e.0[0].key, key, "{extra}: {e}");

@@ -1,9 +1,14 @@
 //! `slate bench`: sandbox cost against a hand-made floor, image-size independence,
-//! webhook-to-status latency and webhook ingest throughput, measured on this host.
+//! webhook-to-status latency, webhook ingest throughput, and (on PostgreSQL) claim
+//! throughput of two replicas and jobs per minute of one versus two, measured on this host.
 //!
-//! Everything runs in this process (the server too, on 127.0.0.1:0) under a scratch
-//! directory that is unmounted and removed at the end. Needs root, `runc`, `git` and a
-//! static busybox, like the sandbox provider itself.
+//! Everything runs in this process (the servers too, on 127.0.0.1:0) under a scratch
+//! directory that is unmounted and removed at the end, and a scratch database that is
+//! dropped. Needs root, `runc`, `git` and a static busybox, like the sandbox provider
+//! itself (the claims section needs only PostgreSQL).
+
+mod claims;
+mod scratch_db;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
@@ -42,6 +47,18 @@ pub enum Section {
     Status,
     /// Signed webhook deliveries per second and their ack latency.
     Ingest,
+    /// PostgreSQL job claims per second across two replicas (no double claim).
+    Claims,
+}
+
+impl Section {
+    /// Sections that mount overlays and run runc.
+    fn needs_root(self) -> bool {
+        matches!(
+            self,
+            Section::Provision | Section::ImageSize | Section::Status
+        )
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -82,11 +99,27 @@ pub struct BenchArgs {
     /// Exit with status 2 when a target is missed.
     #[arg(long)]
     check: bool,
+    /// PostgreSQL to make scratch databases in (claims section), as an admin URL whose
+    /// role has CREATEDB; default: `SLATE_BENCH_DATABASE`, else scripts/postgres.sh's URL.
+    #[arg(long)]
+    database: Option<String>,
+    /// Jobs pre-inserted per claims round.
+    #[arg(long, default_value_t = 5000)]
+    claim_jobs: usize,
+    /// Pools the claims round's jobs are spread across.
+    #[arg(long, default_value_t = 4)]
+    claim_pools: usize,
+    /// Concurrent claimers per replica (the claims section runs two replicas).
+    #[arg(long, default_value_t = 4)]
+    claimers: usize,
+    /// Claims rounds, each on a fresh database; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    claim_rounds: usize,
 }
 
 /// Distribution of one series, in milliseconds (nearest-rank percentiles).
 #[derive(Debug, Clone, Serialize)]
-struct Summary {
+pub(crate) struct Summary {
     n: usize,
     min: f64,
     median: f64,
@@ -180,6 +213,23 @@ struct IngestReport {
     met: bool,
 }
 
+/// A section that needs something the host may lack (PostgreSQL) is skipped, not failed.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Outcome<T> {
+    Ran(T),
+    Skipped { skipped: String },
+}
+
+impl<T> Outcome<T> {
+    fn met(&self, f: impl Fn(&T) -> bool) -> bool {
+        match self {
+            Outcome::Ran(r) => f(r),
+            Outcome::Skipped { .. } => true,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     machine: Machine,
@@ -188,6 +238,7 @@ struct Report {
     image_size: Option<ImageReport>,
     webhook_to_status: Option<StatusReport>,
     ingest: Option<IngestReport>,
+    claims: Option<Outcome<claims::ClaimsReport>>,
 }
 
 impl Report {
@@ -196,6 +247,7 @@ impl Report {
             && self.image_size.as_ref().is_none_or(|r| r.met)
             && self.webhook_to_status.as_ref().is_none_or(|r| r.met)
             && self.ingest.as_ref().is_none_or(|r| r.met)
+            && self.claims.as_ref().is_none_or(|o| o.met(|r| r.met))
     }
 }
 
@@ -209,10 +261,12 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
     let euid = std::fs::metadata("/proc/self")
         .context("reading /proc/self")?
         .uid();
-    if euid != 0
-        && (wants(Section::Provision) || wants(Section::ImageSize) || wants(Section::Status))
-    {
-        bail!("slate bench mounts overlays and runs runc: run it as root (or use --only ingest)");
+    let all = <Section as clap::ValueEnum>::value_variants();
+    if euid != 0 && all.iter().any(|s| s.needs_root() && wants(*s)) {
+        bail!(
+            "slate bench mounts overlays and runs runc: run it as root \
+             (or use --only ingest,claims)"
+        );
     }
     let agent = match &args.agent {
         Some(p) => p.clone(),
@@ -235,12 +289,16 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
         image_size: None,
         webhook_to_status: None,
         ingest: None,
+        claims: None,
     };
 
+    // Every section but the claims one runs a sandbox or a server, which need an image.
     let small = scratch.path.join("image-small");
     let t = Instant::now();
-    progress(&format!("building the {} MB image", args.small_mb));
-    make_image(&small, args.small_mb)?;
+    if all.iter().any(|s| *s != Section::Claims && wants(*s)) {
+        progress(&format!("building the {} MB image", args.small_mb));
+        make_image(&small, args.small_mb)?;
+    }
     let small_build = t.elapsed();
 
     if wants(Section::Provision) || wants(Section::ImageSize) {
@@ -262,6 +320,24 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
         };
         report.ingest = Some(bench_ingest(&args, &scratch, &small, &agent).await?);
     }
+    let admin = scratch_db::admin_url(args.database.as_deref());
+    if wants(Section::Claims) {
+        report.claims = Some(match scratch_db::unreachable(&admin).await {
+            Some(reason) => {
+                progress(&format!("claims: skipped: {reason}"));
+                Outcome::Skipped { skipped: reason }
+            }
+            None => {
+                let p = claims::ClaimsParams {
+                    jobs: args.claim_jobs,
+                    pools: args.claim_pools,
+                    claimers: args.claimers,
+                    rounds: args.claim_rounds,
+                };
+                Outcome::Ran(claims::bench_claims(&admin, &p).await?)
+            }
+        });
+    }
     drop(scratch);
 
     if args.json {
@@ -276,7 +352,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
     })
 }
 
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
@@ -1193,6 +1269,51 @@ fn print_table(r: &Report) {
             "all stored".into(),
             met(g.all_stored),
         ]);
+    }
+    match &r.claims {
+        Some(Outcome::Skipped { skipped }) => {
+            rows.push([
+                "claims: skipped".into(),
+                skipped.clone(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        Some(Outcome::Ran(c)) => {
+            let each: Vec<String> = c
+                .rounds
+                .iter()
+                .map(|r| format!("{:.0}", r.claims_per_s))
+                .collect();
+            rows.push([
+                format!(
+                    "claims: {} jobs, {} pools, 2 replicas x {} claimers",
+                    c.jobs, c.pools, c.claimers_per_replica
+                ),
+                format!(
+                    "median {:.0}/s (rounds {}/s), split {} / {}",
+                    c.claims_per_s,
+                    each.join(", "),
+                    c.per_replica[0],
+                    c.per_replica[1]
+                ),
+                format!(">= {:.0}/s", c.target_claims_per_s),
+                met(c.claims_per_s >= c.target_claims_per_s),
+            ]);
+            rows.push([
+                "  one claim's latency".into(),
+                ms(&c.claim_ms),
+                String::new(),
+                String::new(),
+            ]);
+            rows.push([
+                "  double claims / unclaimed / db agrees".into(),
+                format!("{} / {} / {}", c.double_claims, c.unclaimed, c.db_verified),
+                "0 / 0 / true".into(),
+                met(c.double_claims == 0 && c.unclaimed == 0 && c.db_verified),
+            ]);
+        }
+        None => {}
     }
     let header = [
         "figure".to_string(),
