@@ -118,6 +118,12 @@ impl PgStore {
     }
 
     /// Claim under the pool's advisory lock; `lease: None` takes no lease.
+    ///
+    /// One statement, `slate_claim_job` (see its migration): it takes the lock, which
+    /// serializes the claimers of one pool across replicas until commit, so its count of
+    /// active jobs cannot be stale (READ COMMITTED takes a fresh snapshot per statement
+    /// inside the function too), then moves the oldest queued job. Running it as one
+    /// autocommit statement keeps client round trips out of the time the lock is held.
     async fn claim(
         &self,
         pool: &str,
@@ -125,42 +131,17 @@ impl PgStore {
         owner: &str,
         lease: Option<Duration>,
     ) -> Result<Option<Job>> {
-        let mut tx = self.pool.begin().await?;
-        // Serializes claimers of one pool (across replicas) until commit, so the count
-        // below cannot be stale: a concurrent claim has committed before we get the lock,
-        // and READ COMMITTED takes a fresh snapshot per statement.
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-            .bind(LOCK_NAMESPACE)
-            .bind(pool)
-            .execute(&mut *tx)
-            .await?;
-        let active: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE pool = $1 AND state IN ('provisioning', 'running')",
-        )
-        .bind(pool)
-        .fetch_one(&mut *tx)
-        .await?;
-        if active >= i64::from(max_active) {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        // SKIP LOCKED passes over a queued row another transaction is changing (a
-        // cancel) instead of waiting for it. The reason belonged to the previous state.
         let row = sqlx::query(&format!(
-            "UPDATE jobs SET state = 'provisioning', reason = NULL, owner = $2, \
-             lease_until = now() + $3::interval WHERE id = \
-             (SELECT id FROM jobs WHERE pool = $1 AND state = 'queued' \
-              ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             RETURNING {JOB_COLUMNS}"
+            "SELECT {JOB_COLUMNS} FROM slate_claim_job($1, $2, $3, $4, $5::interval)"
         ))
+        .bind(LOCK_NAMESPACE)
         .bind(pool)
+        .bind(i64::from(max_active))
         .bind(owner)
         .bind(lease)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
-        let job = row.as_ref().map(rows::job).transpose()?;
-        tx.commit().await?;
-        Ok(job)
+        row.as_ref().map(rows::job).transpose()
     }
 
     /// Builds newest first, optionally only those with a job in `state` (as SQLite).
