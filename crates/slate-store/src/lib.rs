@@ -64,6 +64,10 @@ pub struct NewBuild {
     pub pipeline: String,
     /// The event that caused it, if any.
     pub event_id: Option<i64>,
+    /// The commit its jobs check out, when known at creation. Stored in the same
+    /// transaction as the jobs: with several replicas, another one may claim a job the
+    /// moment it is committed, and must find the build's checkout already there.
+    pub checkout_sha: Option<String>,
     /// Its jobs, queued in this order.
     pub jobs: Vec<NewJob>,
 }

@@ -448,8 +448,8 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let build_id: i64 = sqlx::query_scalar(
             "INSERT INTO builds (repo, trigger_json, pr_number, head_sha, head_ref, base_sha, \
-             base_ref, author, pipeline, event_id, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now()) RETURNING id",
+             base_ref, author, pipeline, event_id, checkout_sha, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now()) RETURNING id",
         )
         .bind(&change.repo)
         .bind(&trigger)
@@ -461,6 +461,7 @@ impl Store for PgStore {
         .bind(&change.author)
         .bind(&build.pipeline)
         .bind(build.event_id)
+        .bind(&build.checkout_sha)
         .fetch_one(&mut *tx)
         .await?;
         let jobs = insert_jobs(&mut tx, build_id, &build.jobs).await?;

@@ -382,8 +382,8 @@ impl Store for SqliteStore {
         let mut tx = self.write.begin_with(BEGIN_IMMEDIATE).await?;
         let build_id: i64 = sqlx::query_scalar(
             "INSERT INTO builds (repo, trigger_json, pr_number, head_sha, head_ref, base_sha, \
-             base_ref, author, pipeline, event_id, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+             base_ref, author, pipeline, event_id, checkout_sha, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
         .bind(&change.repo)
         .bind(&trigger)
@@ -395,6 +395,7 @@ impl Store for SqliteStore {
         .bind(&change.author)
         .bind(&build.pipeline)
         .bind(build.event_id)
+        .bind(&build.checkout_sha)
         .bind(&now)
         .fetch_one(&mut *tx)
         .await?;

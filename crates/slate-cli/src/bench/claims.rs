@@ -98,6 +98,7 @@ async fn fill(store: &PgStore, jobs: usize, pools: usize) -> Result<()> {
                 change: change(n),
                 pipeline: "bench".to_owned(),
                 event_id: None,
+                checkout_sha: None,
                 jobs: list.collect(),
             })
             .await?;

@@ -108,6 +108,7 @@ fn new_build(change: Change, pools: &[&str]) -> NewBuild {
         change,
         pipeline: "default".to_owned(),
         event_id: None,
+        checkout_sha: None,
         jobs: pools.iter().map(|p| NewJob::pool(*p)).collect(),
     }
 }
@@ -222,6 +223,7 @@ pub async fn create_build_queues_one_job_per_pool(store: &dyn Store) {
     let (build_id, jobs) = store
         .create_build(NewBuild {
             event_id: Some(event),
+            checkout_sha: None,
             ..new_build(change.clone(), &["linux-x86_64", "linux-arm64"])
         })
         .await
@@ -231,6 +233,7 @@ pub async fn create_build_queues_one_job_per_pool(store: &dyn Store) {
     let again = store
         .create_build(NewBuild {
             event_id: Some(event),
+            checkout_sha: None,
             ..new_build(change.clone(), &["linux-x86_64"])
         })
         .await;
@@ -269,6 +272,18 @@ pub async fn create_build_queues_one_job_per_pool(store: &dyn Store) {
         .unwrap();
     let build = store.get_build(build_id).await.unwrap();
     assert_eq!(build.checkout_sha, Some("m".repeat(40)));
+
+    // A checkout known at creation is stored with the jobs, in the same transaction:
+    // a replica claiming one of them at once finds it.
+    let (with_checkout, _) = store
+        .create_build(NewBuild {
+            checkout_sha: Some("k".repeat(40)),
+            ..new_build(pr_change("o/r", 8, "h"), &["linux-x86_64"])
+        })
+        .await
+        .unwrap();
+    let build = store.get_build(with_checkout).await.unwrap();
+    assert_eq!(build.checkout_sha, Some("k".repeat(40)));
 
     let missing = BuildId(build_id.0 + 1000);
     assert!(matches!(
@@ -1026,6 +1041,7 @@ pub async fn everything_survives_reopen(backend: &dyn Backend) {
     let (build_id, jobs) = store
         .create_build(NewBuild {
             event_id: Some(event),
+            checkout_sha: None,
             ..new_build(pr_change("r/r", 3, "h"), &["p", "q"])
         })
         .await
