@@ -8,6 +8,7 @@
 //! itself (the claims section needs only PostgreSQL).
 
 mod claims;
+mod replicas;
 mod scratch_db;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -49,6 +50,8 @@ pub enum Section {
     Ingest,
     /// PostgreSQL job claims per second across two replicas (no double claim).
     Claims,
+    /// Jobs per minute of one versus two in-process servers sharing PostgreSQL.
+    Replicas,
 }
 
 impl Section {
@@ -56,7 +59,7 @@ impl Section {
     fn needs_root(self) -> bool {
         matches!(
             self,
-            Section::Provision | Section::ImageSize | Section::Status
+            Section::Provision | Section::ImageSize | Section::Status | Section::Replicas
         )
     }
 }
@@ -115,6 +118,12 @@ pub struct BenchArgs {
     /// Claims rounds, each on a fresh database; the median is reported.
     #[arg(long, default_value_t = 3)]
     claim_rounds: usize,
+    /// Jobs submitted per replicas run (one, then two servers), after a warm-up.
+    #[arg(long, default_value_t = 60)]
+    replica_jobs: usize,
+    /// `max_jobs` of each replica's sandbox pool in the replicas section.
+    #[arg(long, default_value_t = 2)]
+    replica_max_jobs: u32,
 }
 
 /// Distribution of one series, in milliseconds (nearest-rank percentiles).
@@ -239,6 +248,7 @@ struct Report {
     webhook_to_status: Option<StatusReport>,
     ingest: Option<IngestReport>,
     claims: Option<Outcome<claims::ClaimsReport>>,
+    replicas: Option<Outcome<replicas::ReplicasReport>>,
 }
 
 impl Report {
@@ -248,6 +258,10 @@ impl Report {
             && self.webhook_to_status.as_ref().is_none_or(|r| r.met)
             && self.ingest.as_ref().is_none_or(|r| r.met)
             && self.claims.as_ref().is_none_or(|o| o.met(|r| r.met))
+            && self
+                .replicas
+                .as_ref()
+                .is_none_or(|o| o.met(|r| r.runs.iter().all(|x| x.all_once)))
     }
 }
 
@@ -274,7 +288,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             .context("locating the slate executable")?
             .with_file_name("slate-agent"),
     };
-    if wants(Section::Status) && !agent.is_file() {
+    if (wants(Section::Status) || wants(Section::Replicas)) && !agent.is_file() {
         bail!(
             "agent binary {} not found: run scripts/build-agent.sh or pass --agent",
             agent.display()
@@ -290,6 +304,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
         webhook_to_status: None,
         ingest: None,
         claims: None,
+        replicas: None,
     };
 
     // Every section but the claims one runs a sandbox or a server, which need an image.
@@ -335,6 +350,22 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
                     rounds: args.claim_rounds,
                 };
                 Outcome::Ran(claims::bench_claims(&admin, &p).await?)
+            }
+        });
+    }
+    if wants(Section::Replicas) {
+        report.replicas = Some(match scratch_db::unreachable(&admin).await {
+            Some(reason) => {
+                progress(&format!("replicas: skipped: {reason}"));
+                Outcome::Skipped { skipped: reason }
+            }
+            None => {
+                let p = replicas::ReplicasParams {
+                    jobs: args.replica_jobs,
+                    max_jobs: args.replica_max_jobs,
+                };
+                let dir = scratch.path.join("replicas");
+                Outcome::Ran(replicas::bench_replicas(&admin, &p, &dir, &small, &agent).await?)
             }
         });
     }
@@ -793,6 +824,20 @@ impl Server {
         remote: &Path,
         github_api: &str,
     ) -> Result<Server> {
+        Self::start_with(dir, image, agent, remote, github_api, "", 2).await
+    }
+
+    /// [`Server::start`] with more `[server]` lines (`server_extra`: database, replica
+    /// id) and the sandbox pool's `max_jobs`.
+    async fn start_with(
+        dir: &Path,
+        image: &Path,
+        agent: &Path,
+        remote: &Path,
+        github_api: &str,
+        server_extra: &str,
+        max_jobs: u32,
+    ) -> Result<Server> {
         std::fs::create_dir_all(dir)?;
         let data = dir.join("data");
         let secret = dir.join("webhook-secret");
@@ -803,7 +848,7 @@ impl Server {
             r#"[server]
 listen = "127.0.0.1:0"
 data_dir = "{data}"
-
+{server_extra}
 [github]
 api_url = "{github_api}"
 webhook_secret_file = "{secret}"
@@ -819,7 +864,7 @@ branches = ["main"]
 name = "busybox"
 provider = "sandbox"
 image = "{image}"
-max_jobs = 2
+max_jobs = {max_jobs}
 limits = {{ memory = "256MiB", pids = 256, timeout = "2m" }}
 
 [[pipeline]]
@@ -1311,6 +1356,63 @@ fn print_table(r: &Report) {
                 format!("{} / {} / {}", c.double_claims, c.unclaimed, c.db_verified),
                 "0 / 0 / true".into(),
                 met(c.double_claims == 0 && c.unclaimed == 0 && c.db_verified),
+            ]);
+        }
+        None => {}
+    }
+    match &r.replicas {
+        Some(Outcome::Skipped { skipped }) => {
+            rows.push([
+                "replicas: skipped".into(),
+                skipped.clone(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        Some(Outcome::Ran(x)) => {
+            for run in &x.runs {
+                let split: Vec<String> = run.per_replica.iter().map(|n| n.to_string()).collect();
+                rows.push([
+                    format!(
+                        "{} replica(s) x max_jobs {}, {} `true` jobs",
+                        run.replicas, x.max_jobs_per_replica, run.jobs
+                    ),
+                    format!(
+                        "{:.0} jobs/min ({:.1} s), split {}",
+                        run.jobs_per_min,
+                        run.seconds,
+                        split.join(" / ")
+                    ),
+                    "each once".into(),
+                    met(run.all_once),
+                ]);
+                rows.push([
+                    "  host CPU busy / CPU s per job (slate, children)".into(),
+                    format!(
+                        "{:.0} % / {:.3} s, {:.3} s; load {:.1}",
+                        run.host_cpu_busy * 100.0,
+                        run.cpu_s_per_job_self,
+                        run.cpu_s_per_job_children,
+                        run.loadavg_1m
+                    ),
+                    String::new(),
+                    String::new(),
+                ]);
+                rows.push([
+                    "  mean provision / job (metrics) / running (db)".into(),
+                    format!(
+                        "{:.1} ms / {:.1} ms / {:.1} ms",
+                        run.provision_ms_mean, run.job_ms_mean, run.running_ms_mean
+                    ),
+                    String::new(),
+                    String::new(),
+                ]);
+            }
+            rows.push([
+                "  two replicas over one".into(),
+                format!("{:.2}x", x.speedup),
+                String::new(),
+                String::new(),
             ]);
         }
         None => {}
