@@ -1387,14 +1387,27 @@ fn print_table(r: &Report) {
                     met(run.all_once),
                 ]);
                 rows.push([
-                    "  host CPU busy / CPU s per job (slate, children)".into(),
+                    "  host CPU busy / CPU s per job (slate, children, postgres)".into(),
                     format!(
-                        "{:.0} % / {:.3} s, {:.3} s; load {:.1}",
+                        "{:.0} % / {:.3}, {:.3}, {:.3} s; load {:.1}",
                         run.host_cpu_busy * 100.0,
                         run.cpu_s_per_job_self,
                         run.cpu_s_per_job_children,
+                        run.cpu_s_per_job_postgres,
                         run.loadavg_1m
                     ),
+                    String::new(),
+                    String::new(),
+                ]);
+                rows.push([
+                    "  submits: mean round trip / last one back".into(),
+                    format!("{:.1} ms / {:.2} s", run.submit_ms_mean, run.submits_done_s),
+                    String::new(),
+                    String::new(),
+                ]);
+                rows.push([
+                    "  mean created -> running (db)".into(),
+                    format!("{:.1} ms", run.created_to_running_ms_mean),
                     String::new(),
                     String::new(),
                 ]);

@@ -44,6 +44,16 @@ pub struct ReplicaRun {
     /// per job.
     pub cpu_s_per_job_self: f64,
     pub cpu_s_per_job_children: f64,
+    /// CPU seconds of the PostgreSQL server's processes per job.
+    pub cpu_s_per_job_postgres: f64,
+    /// Mean round trip of one submit (the server fetches, merges and plans before it
+    /// answers; one client per replica, in parallel), and when the last submit
+    /// returned, from the start.
+    pub submit_ms_mean: f64,
+    pub submits_done_s: f64,
+    /// Mean time from a job's creation to its agent's first contact (queue wait, source
+    /// export, provisioning, agent start), from the database.
+    pub created_to_running_ms_mean: f64,
     /// Mean provisioning time and mean job time (provisioning to end), from the servers'
     /// metrics, over every job the replicas ran (warm-up included).
     pub provision_ms_mean: f64,
@@ -93,6 +103,28 @@ fn process_cpu() -> (f64, f64) {
     let get = |i: usize| f.get(i).copied().unwrap_or(0.0) / tick;
     // rest[0] is field 3 (state): utime 14 → 11, stime 12, cutime 13, cstime 14.
     (get(11) + get(12), get(13) + get(14))
+}
+
+/// CPU seconds used so far by every process named `postgres` (the server's backends
+/// come and go; the ones alive at both ends dominate a short run).
+fn postgres_cpu() -> f64 {
+    let mut total = 0.0;
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if std::fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim() == "postgres") {
+            let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<f64> = rest
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect();
+            total += (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0;
+        }
+    }
+    total
 }
 
 fn loadavg() -> f64 {
@@ -224,16 +256,37 @@ async fn measure(
     ));
     let (busy0, total0) = cpu_jiffies();
     let (self0, child0) = process_cpu();
+    let pg0 = postgres_cpu();
     let t = Instant::now();
-    for i in 0..p.jobs {
-        submit(&http, &servers[i % n].url, &token).await?;
+    // One client per replica, in parallel, each submitting its share in turn: as many
+    // submitters as servers, so the submit path scales with the replicas as the jobs do.
+    let mut submitters = Vec::new();
+    for (k, server) in servers.iter().enumerate() {
+        let (http, url, token) = (http.clone(), server.url.clone(), token.clone());
+        let count = (k..p.jobs).step_by(n).count();
+        submitters.push(tokio::spawn(async move {
+            let mut ms = 0.0;
+            for _ in 0..count {
+                let s = Instant::now();
+                submit(&http, &url, &token).await?;
+                ms += s.elapsed().as_secs_f64() * 1e3;
+            }
+            anyhow::Ok(ms)
+        }));
     }
+    let mut submit_ms = 0.0;
+    for task in submitters {
+        submit_ms += task.await??;
+    }
+    let submits_done_s = t.elapsed().as_secs_f64();
     let rows = wait_final(&pg, after, p.jobs, Duration::from_secs(600)).await?;
     let seconds = t.elapsed().as_secs_f64();
     let (busy1, total1) = cpu_jiffies();
     let (self1, child1) = process_cpu();
-    let running_s: Option<f64> = sqlx::query_scalar(
-        "SELECT avg(extract(epoch FROM finished_at - started_at))::float8 FROM jobs WHERE id > $1",
+    let pg1 = postgres_cpu();
+    let (running_s, to_running_s): (Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT avg(extract(epoch FROM finished_at - started_at))::float8, \
+         avg(extract(epoch FROM started_at - created_at))::float8 FROM jobs WHERE id > $1",
     )
     .bind(after)
     .fetch_one(&pg)
@@ -281,6 +334,10 @@ async fn measure(
         host_cpu_busy: (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64,
         cpu_s_per_job_self: (self1 - self0) / m,
         cpu_s_per_job_children: (child1 - child0) / m,
+        cpu_s_per_job_postgres: (pg1 - pg0) / m,
+        submit_ms_mean: submit_ms / m,
+        submits_done_s,
+        created_to_running_ms_mean: to_running_s.unwrap_or(f64::NAN) * 1e3,
         provision_ms_mean: prov.0 / prov.1.max(1.0) * 1e3,
         job_ms_mean: jobs.0 / jobs.1.max(1.0) * 1e3,
         running_ms_mean: running_s.unwrap_or(f64::NAN) * 1e3,
