@@ -235,6 +235,8 @@ pub async fn start_build(
             change: change.clone(),
             pipeline: pipeline.name.clone(),
             event_id,
+            // With the jobs, not after: another replica may claim one at once.
+            checkout_sha: checkout.clone(),
             jobs,
         })
         .await;
@@ -250,12 +252,6 @@ pub async fn start_build(
         }
         Err(e) => return Err(e.to_string()),
     };
-    if let Some(sha) = &checkout {
-        app.store
-            .set_build_checkout(build_id, sha)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
     if let Some(reason) = &failure {
         for id in &job_ids {
             app.store

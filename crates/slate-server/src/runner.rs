@@ -116,26 +116,30 @@ pub async fn run_job(app: Arc<App>, job: Job, cancel: CancellationToken) {
         Some(outcome.state)
     };
     let store = &app.store;
-    match finished_state {
-        None => {
-            let _ = store.requeue_job(id, "server shut down").await;
-        }
-        Some(JobState::Queued) => {
-            let _ = store.requeue_job(id, &outcome.reason).await;
-        }
+    // Owner-checked: if this replica's lease ran out and another replica took the job
+    // over, the job (perhaps a new attempt running elsewhere) is no longer ours to move.
+    let owner = app.replica_id.as_str();
+    let recorded = match finished_state {
+        None => store.requeue_owned_job(id, owner, "server shut down").await,
+        Some(JobState::Queued) => store.requeue_owned_job(id, owner, &outcome.reason).await,
         Some(state) => {
-            if let Err(e) = store
-                .transition_job(
+            store
+                .transition_owned_job(
                     id,
+                    owner,
                     &[JobState::Provisioning, JobState::Running],
                     state,
                     Some(&outcome.reason),
                 )
                 .await
-            {
-                tracing::error!(job.id = id.0, error = %e, "recording the job's end");
-            }
         }
+    };
+    match recorded {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(job.id = id.0, outcome = ?outcome.state, "job's end not recorded: cancelled or taken over");
+        }
+        Err(e) => tracing::error!(job.id = id.0, error = %e, "recording the job's end"),
     }
     app.metrics
         .job_seconds
@@ -516,8 +520,9 @@ async fn run(
 
     match app
         .store
-        .transition_job(
+        .transition_owned_job(
             id,
+            &app.replica_id,
             &[JobState::Provisioning],
             JobState::Running,
             Some("running"),

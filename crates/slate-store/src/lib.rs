@@ -32,6 +32,10 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// The owner recorded by [`Store::claim_next_job`], which takes no lease: such a job is
+/// held by the one server using the database and never expires.
+pub const LOCAL_OWNER: &str = "local";
+
 /// A forge event as received, stored before it is acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
@@ -60,6 +64,10 @@ pub struct NewBuild {
     pub pipeline: String,
     /// The event that caused it, if any.
     pub event_id: Option<i64>,
+    /// The commit its jobs check out, when known at creation. Stored in the same
+    /// transaction as the jobs: with several replicas, another one may claim a job the
+    /// moment it is committed, and must find the build's checkout already there.
+    pub checkout_sha: Option<String>,
     /// Its jobs, queued in this order.
     pub jobs: Vec<NewJob>,
 }
@@ -181,6 +189,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool>;
     /// Put a job back in the queue for another attempt (infrastructure failure).
     async fn requeue_job(&self, id: JobId, reason: &str) -> Result<bool>;
+
+    /// [`Store::transition_job`] by the runner of a claimed job: the job moves only while
+    /// `owner` (the claim's owner, [`LOCAL_OWNER`] for a lease-less claim) still holds
+    /// it. A replica whose lease ran out, and whose job another replica took over,
+    /// requeued and perhaps claimed again, must not start or finish that job: the new
+    /// attempt is in the same states, so the compare-and-set on the state alone would let
+    /// it. Returns whether it moved; `NotFound` if the job does not exist.
+    async fn transition_owned_job(
+        &self,
+        id: JobId,
+        owner: &str,
+        from: &[JobState],
+        to: JobState,
+        reason: Option<&str>,
+    ) -> Result<bool>;
+    /// [`Store::requeue_job`] under the same condition as [`Store::transition_owned_job`].
+    async fn requeue_owned_job(&self, id: JobId, owner: &str, reason: &str) -> Result<bool>;
 
     /// Count of jobs per state (for metrics).
     async fn job_counts(&self) -> Result<Vec<(JobState, u64)>>;

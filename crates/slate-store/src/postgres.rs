@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     ApiToken, BuildFilter, InsertOutcome, NewBuild, NewJob, Result, Store, StoreError, StoredEvent,
-    WorkerRecord,
+    WorkerRecord, LOCAL_OWNER,
 };
 use rows::{BUILD_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, STEP_COLUMNS, WORKER_COLUMNS};
 
@@ -28,10 +28,6 @@ const MAX_CONNECTIONS: u32 = 10;
 
 /// The channel every replica LISTENs on; the payload is the pool that may have work.
 pub const JOBS_CHANNEL: &str = "slate_jobs";
-
-/// The owner recorded by [`Store::claim_next_job`], which takes no lease: such a job is
-/// held by the one server using the database and never expires.
-pub const LOCAL_OWNER: &str = "local";
 
 /// First key of slate's two-key advisory locks (ASCII "slat"): the two-key space is
 /// separate from the one-key space, and the constant keeps our locks apart from other
@@ -118,6 +114,12 @@ impl PgStore {
     }
 
     /// Claim under the pool's advisory lock; `lease: None` takes no lease.
+    ///
+    /// One statement, `slate_claim_job` (see its migration): it takes the lock, which
+    /// serializes the claimers of one pool across replicas until commit, so its count of
+    /// active jobs cannot be stale (READ COMMITTED takes a fresh snapshot per statement
+    /// inside the function too), then moves the oldest queued job. Running it as one
+    /// autocommit statement keeps client round trips out of the time the lock is held.
     async fn claim(
         &self,
         pool: &str,
@@ -125,42 +127,114 @@ impl PgStore {
         owner: &str,
         lease: Option<Duration>,
     ) -> Result<Option<Job>> {
-        let mut tx = self.pool.begin().await?;
-        // Serializes claimers of one pool (across replicas) until commit, so the count
-        // below cannot be stale: a concurrent claim has committed before we get the lock,
-        // and READ COMMITTED takes a fresh snapshot per statement.
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-            .bind(LOCK_NAMESPACE)
-            .bind(pool)
-            .execute(&mut *tx)
-            .await?;
-        let active: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE pool = $1 AND state IN ('provisioning', 'running')",
-        )
-        .bind(pool)
-        .fetch_one(&mut *tx)
-        .await?;
-        if active >= i64::from(max_active) {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        // SKIP LOCKED passes over a queued row another transaction is changing (a
-        // cancel) instead of waiting for it. The reason belonged to the previous state.
         let row = sqlx::query(&format!(
-            "UPDATE jobs SET state = 'provisioning', reason = NULL, owner = $2, \
-             lease_until = now() + $3::interval WHERE id = \
-             (SELECT id FROM jobs WHERE pool = $1 AND state = 'queued' \
-              ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             RETURNING {JOB_COLUMNS}"
+            "SELECT {JOB_COLUMNS} FROM slate_claim_job($1, $2, $3, $4, $5::interval)"
         ))
+        .bind(LOCK_NAMESPACE)
         .bind(pool)
+        .bind(i64::from(max_active))
         .bind(owner)
         .bind(lease)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(rows::job).transpose()
+    }
+
+    /// [`Store::transition_job`], and with `owner` only while that owner holds the job.
+    async fn transition(
+        &self,
+        id: JobId,
+        owner: Option<&str>,
+        from: &[JobState],
+        to: JobState,
+        reason: Option<&str>,
+    ) -> Result<bool> {
+        // The store is the one place every transition passes through, so it also holds
+        // the core's state machine: a terminal job never changes, whatever `from` says.
+        let from: Vec<JobState> = from.iter().copied().filter(|s| s.can_become(to)).collect();
+        if from.is_empty() {
+            tracing::warn!(job = %id, %to, "transition refused: no allowed source state");
+            return self.not_moved(id).await;
+        }
+        let mut q = QueryBuilder::<Postgres>::new("UPDATE jobs SET state = ");
+        q.push_bind(to.as_str())
+            .push(", reason = ")
+            .push_bind(reason.map(str::to_owned));
+        match to {
+            JobState::Running => {
+                q.push(", started_at = now()");
+            }
+            // Back in the queue: the previous start is no longer this job's start.
+            JobState::Queued => {
+                q.push(", started_at = NULL");
+            }
+            _ => {}
+        }
+        if to.is_terminal() {
+            // A finished job's agent token is of no further use.
+            q.push(", finished_at = now(), token_hash = NULL");
+        }
+        // Out of provisioning/running nobody holds the job any more.
+        let frees_slot = to.is_terminal() || to == JobState::Queued;
+        if frees_slot {
+            q.push(", owner = NULL, lease_until = NULL");
+        }
+        // One conditional UPDATE is the compare-and-set: under READ COMMITTED a
+        // concurrent change makes PostgreSQL re-check the WHERE on the new row version.
+        q.push(" WHERE id = ")
+            .push_bind(id.0)
+            .push(" AND state = ANY(")
+            .push_bind(state_names(&from))
+            .push(")");
+        if let Some(owner) = owner {
+            // Re-checked with the state on the row version a concurrent change leaves.
+            q.push(" AND owner = ").push_bind(owner.to_owned());
+        }
+        q.push(" RETURNING pool");
+
+        let mut tx = self.pool.begin().await?;
+        let moved: Option<String> = q.build_query_scalar().fetch_optional(&mut *tx).await?;
+        let Some(pool) = moved else {
+            tx.rollback().await?;
+            return self.not_moved(id).await;
+        };
+        if frees_slot {
+            // A replica waiting at max_active (or a requeued job) has work now.
+            notify_pool(&mut tx, &pool).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// [`Store::requeue_job`], and with `owner` only while that owner holds the job.
+    async fn requeue(&self, id: JobId, owner: Option<&str>, reason: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        // created_at is kept, so the retry keeps its place in the FIFO. The old token is
+        // cleared: the lost worker's agent must not speak for the next attempt.
+        let moved: Option<String> = sqlx::query_scalar(
+            "UPDATE jobs SET state = 'queued', reason = $1, attempt = attempt + 1, \
+             started_at = NULL, queued_at = now(), token_hash = NULL, owner = NULL, \
+             lease_until = NULL \
+             WHERE id = $2 AND state IN ('provisioning', 'running') \
+             AND ($3::text IS NULL OR owner = $3) RETURNING pool",
+        )
+        .bind(reason)
+        .bind(id.0)
+        .bind(owner)
         .fetch_optional(&mut *tx)
         .await?;
-        let job = row.as_ref().map(rows::job).transpose()?;
+        let Some(pool) = moved else {
+            tx.rollback().await?;
+            return self.not_moved(id).await;
+        };
+        // Steps of the lost attempt would otherwise show beside the new attempt's.
+        sqlx::query("DELETE FROM steps WHERE job_id = $1")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        notify_pool(&mut tx, &pool).await?;
         tx.commit().await?;
-        Ok(job)
+        Ok(true)
     }
 
     /// Builds newest first, optionally only those with a job in `state` (as SQLite).
@@ -374,8 +448,8 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let build_id: i64 = sqlx::query_scalar(
             "INSERT INTO builds (repo, trigger_json, pr_number, head_sha, head_ref, base_sha, \
-             base_ref, author, pipeline, event_id, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now()) RETURNING id",
+             base_ref, author, pipeline, event_id, checkout_sha, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now()) RETURNING id",
         )
         .bind(&change.repo)
         .bind(&trigger)
@@ -387,6 +461,7 @@ impl Store for PgStore {
         .bind(&change.author)
         .bind(&build.pipeline)
         .bind(build.event_id)
+        .bind(&build.checkout_sha)
         .fetch_one(&mut *tx)
         .await?;
         let jobs = insert_jobs(&mut tx, build_id, &build.jobs).await?;
@@ -505,84 +580,26 @@ impl Store for PgStore {
         to: JobState,
         reason: Option<&str>,
     ) -> Result<bool> {
-        // The store is the one place every transition passes through, so it also holds
-        // the core's state machine: a terminal job never changes, whatever `from` says.
-        let from: Vec<JobState> = from.iter().copied().filter(|s| s.can_become(to)).collect();
-        if from.is_empty() {
-            tracing::warn!(job = %id, %to, "transition refused: no allowed source state");
-            return self.not_moved(id).await;
-        }
-        let mut q = QueryBuilder::<Postgres>::new("UPDATE jobs SET state = ");
-        q.push_bind(to.as_str())
-            .push(", reason = ")
-            .push_bind(reason.map(str::to_owned));
-        match to {
-            JobState::Running => {
-                q.push(", started_at = now()");
-            }
-            // Back in the queue: the previous start is no longer this job's start.
-            JobState::Queued => {
-                q.push(", started_at = NULL");
-            }
-            _ => {}
-        }
-        if to.is_terminal() {
-            // A finished job's agent token is of no further use.
-            q.push(", finished_at = now(), token_hash = NULL");
-        }
-        // Out of provisioning/running nobody holds the job any more.
-        let frees_slot = to.is_terminal() || to == JobState::Queued;
-        if frees_slot {
-            q.push(", owner = NULL, lease_until = NULL");
-        }
-        // One conditional UPDATE is the compare-and-set: under READ COMMITTED a
-        // concurrent change makes PostgreSQL re-check the WHERE on the new row version.
-        q.push(" WHERE id = ")
-            .push_bind(id.0)
-            .push(" AND state = ANY(")
-            .push_bind(state_names(&from))
-            .push(") RETURNING pool");
+        self.transition(id, None, from, to, reason).await
+    }
 
-        let mut tx = self.pool.begin().await?;
-        let moved: Option<String> = q.build_query_scalar().fetch_optional(&mut *tx).await?;
-        let Some(pool) = moved else {
-            tx.rollback().await?;
-            return self.not_moved(id).await;
-        };
-        if frees_slot {
-            // A replica waiting at max_active (or a requeued job) has work now.
-            notify_pool(&mut tx, &pool).await?;
-        }
-        tx.commit().await?;
-        Ok(true)
+    async fn transition_owned_job(
+        &self,
+        id: JobId,
+        owner: &str,
+        from: &[JobState],
+        to: JobState,
+        reason: Option<&str>,
+    ) -> Result<bool> {
+        self.transition(id, Some(owner), from, to, reason).await
     }
 
     async fn requeue_job(&self, id: JobId, reason: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        // created_at is kept, so the retry keeps its place in the FIFO. The old token is
-        // cleared: the lost worker's agent must not speak for the next attempt.
-        let moved: Option<String> = sqlx::query_scalar(
-            "UPDATE jobs SET state = 'queued', reason = $1, attempt = attempt + 1, \
-             started_at = NULL, queued_at = now(), token_hash = NULL, owner = NULL, \
-             lease_until = NULL \
-             WHERE id = $2 AND state IN ('provisioning', 'running') RETURNING pool",
-        )
-        .bind(reason)
-        .bind(id.0)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(pool) = moved else {
-            tx.rollback().await?;
-            return self.not_moved(id).await;
-        };
-        // Steps of the lost attempt would otherwise show beside the new attempt's.
-        sqlx::query("DELETE FROM steps WHERE job_id = $1")
-            .bind(id.0)
-            .execute(&mut *tx)
-            .await?;
-        notify_pool(&mut tx, &pool).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.requeue(id, None, reason).await
+    }
+
+    async fn requeue_owned_job(&self, id: JobId, owner: &str, reason: &str) -> Result<bool> {
+        self.requeue(id, Some(owner), reason).await
     }
 
     async fn job_counts(&self) -> Result<Vec<(JobState, u64)>> {

@@ -14,7 +14,7 @@ use sqlx::{QueryBuilder, Sqlite};
 
 use crate::{
     ApiToken, BuildFilter, InsertOutcome, NewBuild, NewJob, Result, Store, StoreError, StoredEvent,
-    WorkerRecord,
+    WorkerRecord, LOCAL_OWNER,
 };
 use rows::{ts, BUILD_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, STEP_COLUMNS, WORKER_COLUMNS};
 
@@ -136,6 +136,128 @@ impl SqliteStore {
             .push_bind(i64::from(filter.offset));
         let rows = q.build().fetch_all(&self.read).await?;
         rows.iter().map(rows::build).collect()
+    }
+
+    /// Claim the oldest queued job of `pool` for `owner`, within `max_active`.
+    async fn claim(&self, pool: &str, max_active: u32, owner: &str) -> Result<Option<Job>> {
+        let mut tx = self.write.begin_with(BEGIN_IMMEDIATE).await?;
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs WHERE pool = ? AND state IN ('provisioning', 'running')",
+        )
+        .bind(pool)
+        .fetch_one(&mut *tx)
+        .await?;
+        if active >= i64::from(max_active) {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        // The reason belonged to the previous state (e.g. why it was requeued).
+        let row = sqlx::query(&format!(
+            "UPDATE jobs SET state = 'provisioning', reason = NULL, owner = ? WHERE id = \
+             (SELECT id FROM jobs WHERE pool = ? AND state = 'queued' \
+              ORDER BY created_at, id LIMIT 1) \
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(owner)
+        .bind(pool)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let job = row.as_ref().map(rows::job).transpose()?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    /// [`Store::transition_job`], and with `owner` only while that owner holds the job.
+    async fn transition(
+        &self,
+        id: JobId,
+        owner: Option<&str>,
+        from: &[JobState],
+        to: JobState,
+        reason: Option<&str>,
+    ) -> Result<bool> {
+        // The store is the one place every transition passes through, so it also holds
+        // the core's state machine: a terminal job never changes, whatever `from` says.
+        let from: Vec<JobState> = from.iter().copied().filter(|s| s.can_become(to)).collect();
+        if from.is_empty() {
+            tracing::warn!(job = %id, %to, "transition refused: no allowed source state");
+            return self.not_moved(id).await;
+        }
+        let now = ts(rows::now());
+        // One conditional UPDATE is the compare-and-set: SQLite runs it under the write
+        // lock, so no explicit transaction is needed.
+        let mut q = QueryBuilder::<Sqlite>::new("UPDATE jobs SET state = ");
+        q.push_bind(to.as_str())
+            .push(", reason = ")
+            .push_bind(reason.map(str::to_owned));
+        match to {
+            JobState::Running => {
+                q.push(", started_at = ").push_bind(now.clone());
+            }
+            // Back in the queue: the previous start is no longer this job's start.
+            JobState::Queued => {
+                q.push(", started_at = NULL");
+            }
+            _ => {}
+        }
+        if to.is_terminal() {
+            // A finished job's agent token is of no further use.
+            q.push(", finished_at = ")
+                .push_bind(now)
+                .push(", token_hash = NULL");
+        }
+        // Out of provisioning/running nobody holds the job any more.
+        if to.is_terminal() || to == JobState::Queued {
+            q.push(", owner = NULL");
+        }
+        q.push(" WHERE id = ")
+            .push_bind(id.0)
+            .push(" AND state IN (");
+        let mut list = q.separated(", ");
+        for s in &from {
+            list.push_bind(s.as_str());
+        }
+        q.push(")");
+        if let Some(owner) = owner {
+            q.push(" AND owner = ").push_bind(owner.to_owned());
+        }
+        let done = q.build().execute(&self.write).await?;
+        if done.rows_affected() == 1 {
+            Ok(true)
+        } else {
+            self.not_moved(id).await
+        }
+    }
+
+    /// [`Store::requeue_job`], and with `owner` only while that owner holds the job.
+    async fn requeue(&self, id: JobId, owner: Option<&str>, reason: &str) -> Result<bool> {
+        let mut tx = self.write.begin_with(BEGIN_IMMEDIATE).await?;
+        // created_at is kept, so the retry keeps its place in the FIFO. The old token is
+        // cleared: the lost worker's agent must not speak for the next attempt.
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'queued', reason = ?, attempt = attempt + 1, \
+             started_at = NULL, queued_at = ?, token_hash = NULL, owner = NULL \
+             WHERE id = ? AND state IN ('provisioning', 'running') \
+             AND (? IS NULL OR owner = ?)",
+        )
+        .bind(reason)
+        .bind(ts(rows::now()))
+        .bind(id.0)
+        .bind(owner)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            tx.rollback().await?;
+            return self.not_moved(id).await;
+        }
+        // Steps of the lost attempt would otherwise show beside the new attempt's.
+        sqlx::query("DELETE FROM steps WHERE job_id = ?")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn not_moved(&self, id: JobId) -> Result<bool> {
@@ -260,8 +382,8 @@ impl Store for SqliteStore {
         let mut tx = self.write.begin_with(BEGIN_IMMEDIATE).await?;
         let build_id: i64 = sqlx::query_scalar(
             "INSERT INTO builds (repo, trigger_json, pr_number, head_sha, head_ref, base_sha, \
-             base_ref, author, pipeline, event_id, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+             base_ref, author, pipeline, event_id, checkout_sha, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
         .bind(&change.repo)
         .bind(&trigger)
@@ -273,6 +395,7 @@ impl Store for SqliteStore {
         .bind(&change.author)
         .bind(&build.pipeline)
         .bind(build.event_id)
+        .bind(&build.checkout_sha)
         .bind(&now)
         .fetch_one(&mut *tx)
         .await?;
@@ -385,30 +508,19 @@ impl Store for SqliteStore {
     }
 
     async fn claim_next_job(&self, pool: &str, max_active: u32) -> Result<Option<Job>> {
-        let mut tx = self.write.begin_with(BEGIN_IMMEDIATE).await?;
-        let active: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs WHERE pool = ? AND state IN ('provisioning', 'running')",
-        )
-        .bind(pool)
-        .fetch_one(&mut *tx)
-        .await?;
-        if active >= i64::from(max_active) {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        // The reason belonged to the previous state (e.g. why it was requeued).
-        let row = sqlx::query(&format!(
-            "UPDATE jobs SET state = 'provisioning', reason = NULL WHERE id = \
-             (SELECT id FROM jobs WHERE pool = ? AND state = 'queued' \
-              ORDER BY created_at, id LIMIT 1) \
-             RETURNING {JOB_COLUMNS}"
-        ))
-        .bind(pool)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let job = row.as_ref().map(rows::job).transpose()?;
-        tx.commit().await?;
-        Ok(job)
+        self.claim(pool, max_active, LOCAL_OWNER).await
+    }
+
+    async fn claim_next_job_for(
+        &self,
+        pool: &str,
+        max_active: u32,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Option<Job>> {
+        // One server per file: nobody else could take the job over, so no lease is kept.
+        let _ = lease;
+        self.claim(pool, max_active, owner).await
     }
 
     async fn transition_job(
@@ -418,77 +530,26 @@ impl Store for SqliteStore {
         to: JobState,
         reason: Option<&str>,
     ) -> Result<bool> {
-        // The store is the one place every transition passes through, so it also holds
-        // the core's state machine: a terminal job never changes, whatever `from` says.
-        let from: Vec<JobState> = from.iter().copied().filter(|s| s.can_become(to)).collect();
-        if from.is_empty() {
-            tracing::warn!(job = %id, %to, "transition refused: no allowed source state");
-            return self.not_moved(id).await;
-        }
-        let now = ts(rows::now());
-        // One conditional UPDATE is the compare-and-set: SQLite runs it under the write
-        // lock, so no explicit transaction is needed.
-        let mut q = QueryBuilder::<Sqlite>::new("UPDATE jobs SET state = ");
-        q.push_bind(to.as_str())
-            .push(", reason = ")
-            .push_bind(reason.map(str::to_owned));
-        match to {
-            JobState::Running => {
-                q.push(", started_at = ").push_bind(now.clone());
-            }
-            // Back in the queue: the previous start is no longer this job's start.
-            JobState::Queued => {
-                q.push(", started_at = NULL");
-            }
-            _ => {}
-        }
-        if to.is_terminal() {
-            // A finished job's agent token is of no further use.
-            q.push(", finished_at = ")
-                .push_bind(now)
-                .push(", token_hash = NULL");
-        }
-        q.push(" WHERE id = ")
-            .push_bind(id.0)
-            .push(" AND state IN (");
-        let mut list = q.separated(", ");
-        for s in &from {
-            list.push_bind(s.as_str());
-        }
-        q.push(")");
-        let done = q.build().execute(&self.write).await?;
-        if done.rows_affected() == 1 {
-            Ok(true)
-        } else {
-            self.not_moved(id).await
-        }
+        self.transition(id, None, from, to, reason).await
+    }
+
+    async fn transition_owned_job(
+        &self,
+        id: JobId,
+        owner: &str,
+        from: &[JobState],
+        to: JobState,
+        reason: Option<&str>,
+    ) -> Result<bool> {
+        self.transition(id, Some(owner), from, to, reason).await
     }
 
     async fn requeue_job(&self, id: JobId, reason: &str) -> Result<bool> {
-        let mut tx = self.write.begin_with(BEGIN_IMMEDIATE).await?;
-        // created_at is kept, so the retry keeps its place in the FIFO. The old token is
-        // cleared: the lost worker's agent must not speak for the next attempt.
-        let done = sqlx::query(
-            "UPDATE jobs SET state = 'queued', reason = ?, attempt = attempt + 1, \
-             started_at = NULL, queued_at = ?, token_hash = NULL \
-             WHERE id = ? AND state IN ('provisioning', 'running')",
-        )
-        .bind(reason)
-        .bind(ts(rows::now()))
-        .bind(id.0)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            tx.rollback().await?;
-            return self.not_moved(id).await;
-        }
-        // Steps of the lost attempt would otherwise show beside the new attempt's.
-        sqlx::query("DELETE FROM steps WHERE job_id = ?")
-            .bind(id.0)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
+        self.requeue(id, None, reason).await
+    }
+
+    async fn requeue_owned_job(&self, id: JobId, owner: &str, reason: &str) -> Result<bool> {
+        self.requeue(id, Some(owner), reason).await
     }
 
     async fn job_counts(&self) -> Result<Vec<(JobState, u64)>> {

@@ -157,6 +157,7 @@ fn build_of(n: u64, pools: &[&str]) -> NewBuild {
         change: change(n),
         pipeline: "default".to_owned(),
         event_id: None,
+        checkout_sha: None,
         jobs: pools.iter().map(|p| NewJob::pool(*p)).collect(),
     }
 }

@@ -80,6 +80,7 @@ async fn one_job(store: &SqliteStore, pools: &[&str]) -> Vec<JobId> {
         change,
         pipeline: "default".to_owned(),
         event_id: None,
+        checkout_sha: None,
         jobs: pools.iter().map(|p| NewJob::pool(*p)).collect(),
     };
     store.create_build(build).await.unwrap().1

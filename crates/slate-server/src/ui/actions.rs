@@ -111,10 +111,10 @@ pub async fn rebuild(app: &Arc<App>, id: BuildId, who: &str) -> Result<BuildId, 
             change: old.change.clone(),
             pipeline: old.pipeline.clone(),
             event_id: None,
+            checkout_sha: Some(checkout),
             jobs,
         })
         .await?;
-    app.store.set_build_checkout(new_id, &checkout).await?;
     drop(planning);
     tracing::info!(
         build.id = new_id.0,

@@ -136,6 +136,7 @@ steps = [{{ name = "build", run = "make" }}, {{ name = "test", run = "make test"
                 },
                 pipeline: "default".into(),
                 event_id: None,
+                checkout_sha: None,
                 jobs: vec![slate_store::NewJob::pool("busybox")],
             })
             .await

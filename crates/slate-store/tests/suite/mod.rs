@@ -37,6 +37,7 @@ macro_rules! store_suite {
             job_counts_cover_every_state,
             insert_event_throughput,
             leased_claims_are_fifo_bounded_and_kept_while_renewed,
+            owned_transitions_move_only_the_owners_attempt,
             wait_for_work_returns_by_its_timeout,
         );
         store_suite!(@shared $backend;
@@ -107,6 +108,7 @@ fn new_build(change: Change, pools: &[&str]) -> NewBuild {
         change,
         pipeline: "default".to_owned(),
         event_id: None,
+        checkout_sha: None,
         jobs: pools.iter().map(|p| NewJob::pool(*p)).collect(),
     }
 }
@@ -221,6 +223,7 @@ pub async fn create_build_queues_one_job_per_pool(store: &dyn Store) {
     let (build_id, jobs) = store
         .create_build(NewBuild {
             event_id: Some(event),
+            checkout_sha: None,
             ..new_build(change.clone(), &["linux-x86_64", "linux-arm64"])
         })
         .await
@@ -230,6 +233,7 @@ pub async fn create_build_queues_one_job_per_pool(store: &dyn Store) {
     let again = store
         .create_build(NewBuild {
             event_id: Some(event),
+            checkout_sha: None,
             ..new_build(change.clone(), &["linux-x86_64"])
         })
         .await;
@@ -268,6 +272,18 @@ pub async fn create_build_queues_one_job_per_pool(store: &dyn Store) {
         .unwrap();
     let build = store.get_build(build_id).await.unwrap();
     assert_eq!(build.checkout_sha, Some("m".repeat(40)));
+
+    // A checkout known at creation is stored with the jobs, in the same transaction:
+    // a replica claiming one of them at once finds it.
+    let (with_checkout, _) = store
+        .create_build(NewBuild {
+            checkout_sha: Some("k".repeat(40)),
+            ..new_build(pr_change("o/r", 8, "h"), &["linux-x86_64"])
+        })
+        .await
+        .unwrap();
+    let build = store.get_build(with_checkout).await.unwrap();
+    assert_eq!(build.checkout_sha, Some("k".repeat(40)));
 
     let missing = BuildId(build_id.0 + 1000);
     assert!(matches!(
@@ -683,6 +699,122 @@ pub async fn leased_claims_are_fifo_bounded_and_kept_while_renewed(store: &dyn S
     assert_eq!((again.id, again.attempt), (jobs[0], 2));
 }
 
+/// A runner moves its job with the owner-checked variants: once another replica has
+/// taken the job over (requeued it, claimed it again), the first owner can neither start,
+/// finish nor requeue the new attempt, although it is in the states it expects.
+pub async fn owned_transitions_move_only_the_owners_attempt(store: &dyn Store) {
+    let (_, jobs) = store
+        .create_build(new_build(pr_change("r/r", 1, "h"), &["p", "q"]))
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(60);
+    let job = store
+        .claim_next_job_for("p", 2, "replica-a", lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.id, jobs[0]);
+    let (provisioning, active) = (
+        &[JobState::Provisioning][..],
+        &[JobState::Provisioning, JobState::Running][..],
+    );
+    // Not the owner: nothing moves.
+    for to in [JobState::Running, JobState::Failed] {
+        assert!(!store
+            .transition_owned_job(job.id, "replica-b", active, to, None)
+            .await
+            .unwrap());
+    }
+    assert!(!store
+        .requeue_owned_job(job.id, "replica-b", "x")
+        .await
+        .unwrap());
+    assert_eq!(state(store, job.id).await, JobState::Provisioning);
+    // The owner starts it.
+    assert!(store
+        .transition_owned_job(job.id, "replica-a", provisioning, JobState::Running, None)
+        .await
+        .unwrap());
+    assert_eq!(state(store, job.id).await, JobState::Running);
+
+    // Taken over (as after a lease expiry): requeued, claimed by B, running again.
+    assert!(store
+        .requeue_job(job.id, "its replica stopped")
+        .await
+        .unwrap());
+    let again = store
+        .claim_next_job_for("p", 2, "replica-b", lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.id, again.attempt), (job.id, 2));
+    assert!(!store
+        .transition_owned_job(job.id, "replica-a", provisioning, JobState::Running, None)
+        .await
+        .unwrap());
+    assert!(store
+        .transition_owned_job(job.id, "replica-b", provisioning, JobState::Running, None)
+        .await
+        .unwrap());
+    // A's late finish and late requeue are refused; B's attempt is untouched.
+    assert!(!store
+        .transition_owned_job(
+            job.id,
+            "replica-a",
+            active,
+            JobState::Succeeded,
+            Some("late")
+        )
+        .await
+        .unwrap());
+    assert!(!store
+        .requeue_owned_job(job.id, "replica-a", "late")
+        .await
+        .unwrap());
+    let j = store.get_job(job.id).await.unwrap();
+    assert_eq!((j.state, j.attempt), (JobState::Running, 2));
+    assert!(store
+        .transition_owned_job(job.id, "replica-b", active, JobState::Succeeded, Some("ok"))
+        .await
+        .unwrap());
+    let j = store.get_job(job.id).await.unwrap();
+    assert_eq!(
+        (j.state, j.reason.as_deref()),
+        (JobState::Succeeded, Some("ok"))
+    );
+    // Finished: nobody owns it any more, so no owner can move it (terminal anyway).
+    assert!(!store
+        .transition_owned_job(job.id, "replica-b", active, JobState::Failed, None)
+        .await
+        .unwrap());
+
+    // A lease-less claim is owned by LOCAL_OWNER, and its owner can requeue it.
+    let local = store.claim_next_job("q", 1).await.unwrap().unwrap();
+    assert_eq!(local.id, jobs[1]);
+    assert!(!store
+        .requeue_owned_job(local.id, "replica-a", "x")
+        .await
+        .unwrap());
+    assert!(store
+        .requeue_owned_job(local.id, slate_store::LOCAL_OWNER, "worker lost")
+        .await
+        .unwrap());
+    assert_eq!(state(store, local.id).await, JobState::Queued);
+
+    // A job that does not exist is NotFound, as with the unchecked variants.
+    let missing = JobId(jobs[1].0 + 1000);
+    assert!(matches!(
+        store
+            .transition_owned_job(missing, "replica-a", active, JobState::Failed, None)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.requeue_owned_job(missing, "replica-a", "x").await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
 /// The scheduler waits with this between claims: it must come back by the timeout
 /// (sooner is allowed: wake-ups may be early or spurious).
 pub async fn wait_for_work_returns_by_its_timeout(store: &dyn Store) {
@@ -909,6 +1041,7 @@ pub async fn everything_survives_reopen(backend: &dyn Backend) {
     let (build_id, jobs) = store
         .create_build(NewBuild {
             event_id: Some(event),
+            checkout_sha: None,
             ..new_build(pr_change("r/r", 3, "h"), &["p", "q"])
         })
         .await

@@ -1,9 +1,15 @@
 //! `slate bench`: sandbox cost against a hand-made floor, image-size independence,
-//! webhook-to-status latency and webhook ingest throughput, measured on this host.
+//! webhook-to-status latency, webhook ingest throughput, and (on PostgreSQL) claim
+//! throughput of two replicas and jobs per minute of one versus two, measured on this host.
 //!
-//! Everything runs in this process (the server too, on 127.0.0.1:0) under a scratch
-//! directory that is unmounted and removed at the end. Needs root, `runc`, `git` and a
-//! static busybox, like the sandbox provider itself.
+//! Everything runs in this process (the servers too, on 127.0.0.1:0) under a scratch
+//! directory that is unmounted and removed at the end, and a scratch database that is
+//! dropped. Needs root, `runc`, `git` and a static busybox, like the sandbox provider
+//! itself (the claims section needs only PostgreSQL).
+
+mod claims;
+mod replicas;
+mod scratch_db;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
@@ -42,6 +48,20 @@ pub enum Section {
     Status,
     /// Signed webhook deliveries per second and their ack latency.
     Ingest,
+    /// PostgreSQL job claims per second across two replicas (no double claim).
+    Claims,
+    /// Jobs per minute of one versus two in-process servers sharing PostgreSQL.
+    Replicas,
+}
+
+impl Section {
+    /// Sections that mount overlays and run runc.
+    fn needs_root(self) -> bool {
+        matches!(
+            self,
+            Section::Provision | Section::ImageSize | Section::Status | Section::Replicas
+        )
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -82,11 +102,33 @@ pub struct BenchArgs {
     /// Exit with status 2 when a target is missed.
     #[arg(long)]
     check: bool,
+    /// PostgreSQL to make scratch databases in (claims section), as an admin URL whose
+    /// role has CREATEDB; default: `SLATE_BENCH_DATABASE`, else scripts/postgres.sh's URL.
+    #[arg(long)]
+    database: Option<String>,
+    /// Jobs pre-inserted per claims round.
+    #[arg(long, default_value_t = 5000)]
+    claim_jobs: usize,
+    /// Pools the claims round's jobs are spread across.
+    #[arg(long, default_value_t = 4)]
+    claim_pools: usize,
+    /// Concurrent claimers per replica (the claims section runs two replicas).
+    #[arg(long, default_value_t = 4)]
+    claimers: usize,
+    /// Claims rounds, each on a fresh database; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    claim_rounds: usize,
+    /// Jobs submitted per replicas run (one, then two servers), after a warm-up.
+    #[arg(long, default_value_t = 60)]
+    replica_jobs: usize,
+    /// `max_jobs` of each replica's sandbox pool in the replicas section.
+    #[arg(long, default_value_t = 2)]
+    replica_max_jobs: u32,
 }
 
 /// Distribution of one series, in milliseconds (nearest-rank percentiles).
 #[derive(Debug, Clone, Serialize)]
-struct Summary {
+pub(crate) struct Summary {
     n: usize,
     min: f64,
     median: f64,
@@ -180,6 +222,23 @@ struct IngestReport {
     met: bool,
 }
 
+/// A section that needs something the host may lack (PostgreSQL) is skipped, not failed.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Outcome<T> {
+    Ran(T),
+    Skipped { skipped: String },
+}
+
+impl<T> Outcome<T> {
+    fn met(&self, f: impl Fn(&T) -> bool) -> bool {
+        match self {
+            Outcome::Ran(r) => f(r),
+            Outcome::Skipped { .. } => true,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     machine: Machine,
@@ -188,6 +247,8 @@ struct Report {
     image_size: Option<ImageReport>,
     webhook_to_status: Option<StatusReport>,
     ingest: Option<IngestReport>,
+    claims: Option<Outcome<claims::ClaimsReport>>,
+    replicas: Option<Outcome<replicas::ReplicasReport>>,
 }
 
 impl Report {
@@ -196,6 +257,11 @@ impl Report {
             && self.image_size.as_ref().is_none_or(|r| r.met)
             && self.webhook_to_status.as_ref().is_none_or(|r| r.met)
             && self.ingest.as_ref().is_none_or(|r| r.met)
+            && self.claims.as_ref().is_none_or(|o| o.met(|r| r.met))
+            && self
+                .replicas
+                .as_ref()
+                .is_none_or(|o| o.met(|r| r.runs.iter().all(|x| x.all_once)))
     }
 }
 
@@ -209,10 +275,12 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
     let euid = std::fs::metadata("/proc/self")
         .context("reading /proc/self")?
         .uid();
-    if euid != 0
-        && (wants(Section::Provision) || wants(Section::ImageSize) || wants(Section::Status))
-    {
-        bail!("slate bench mounts overlays and runs runc: run it as root (or use --only ingest)");
+    let all = <Section as clap::ValueEnum>::value_variants();
+    if euid != 0 && all.iter().any(|s| s.needs_root() && wants(*s)) {
+        bail!(
+            "slate bench mounts overlays and runs runc: run it as root \
+             (or use --only ingest,claims)"
+        );
     }
     let agent = match &args.agent {
         Some(p) => p.clone(),
@@ -220,7 +288,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             .context("locating the slate executable")?
             .with_file_name("slate-agent"),
     };
-    if wants(Section::Status) && !agent.is_file() {
+    if (wants(Section::Status) || wants(Section::Replicas)) && !agent.is_file() {
         bail!(
             "agent binary {} not found: run scripts/build-agent.sh or pass --agent",
             agent.display()
@@ -235,12 +303,17 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
         image_size: None,
         webhook_to_status: None,
         ingest: None,
+        claims: None,
+        replicas: None,
     };
 
+    // Every section but the claims one runs a sandbox or a server, which need an image.
     let small = scratch.path.join("image-small");
     let t = Instant::now();
-    progress(&format!("building the {} MB image", args.small_mb));
-    make_image(&small, args.small_mb)?;
+    if all.iter().any(|s| *s != Section::Claims && wants(*s)) {
+        progress(&format!("building the {} MB image", args.small_mb));
+        make_image(&small, args.small_mb)?;
+    }
     let small_build = t.elapsed();
 
     if wants(Section::Provision) || wants(Section::ImageSize) {
@@ -262,6 +335,40 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
         };
         report.ingest = Some(bench_ingest(&args, &scratch, &small, &agent).await?);
     }
+    let admin = scratch_db::admin_url(args.database.as_deref());
+    if wants(Section::Claims) {
+        report.claims = Some(match scratch_db::unreachable(&admin).await {
+            Some(reason) => {
+                progress(&format!("claims: skipped: {reason}"));
+                Outcome::Skipped { skipped: reason }
+            }
+            None => {
+                let p = claims::ClaimsParams {
+                    jobs: args.claim_jobs,
+                    pools: args.claim_pools,
+                    claimers: args.claimers,
+                    rounds: args.claim_rounds,
+                };
+                Outcome::Ran(claims::bench_claims(&admin, &p).await?)
+            }
+        });
+    }
+    if wants(Section::Replicas) {
+        report.replicas = Some(match scratch_db::unreachable(&admin).await {
+            Some(reason) => {
+                progress(&format!("replicas: skipped: {reason}"));
+                Outcome::Skipped { skipped: reason }
+            }
+            None => {
+                let p = replicas::ReplicasParams {
+                    jobs: args.replica_jobs,
+                    max_jobs: args.replica_max_jobs,
+                };
+                let dir = scratch.path.join("replicas");
+                Outcome::Ran(replicas::bench_replicas(&admin, &p, &dir, &small, &agent).await?)
+            }
+        });
+    }
     drop(scratch);
 
     if args.json {
@@ -276,7 +383,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
     })
 }
 
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
@@ -717,6 +824,20 @@ impl Server {
         remote: &Path,
         github_api: &str,
     ) -> Result<Server> {
+        Self::start_with(dir, image, agent, remote, github_api, "", 2).await
+    }
+
+    /// [`Server::start`] with more `[server]` lines (`server_extra`: database, replica
+    /// id) and the sandbox pool's `max_jobs`.
+    async fn start_with(
+        dir: &Path,
+        image: &Path,
+        agent: &Path,
+        remote: &Path,
+        github_api: &str,
+        server_extra: &str,
+        max_jobs: u32,
+    ) -> Result<Server> {
         std::fs::create_dir_all(dir)?;
         let data = dir.join("data");
         let secret = dir.join("webhook-secret");
@@ -727,7 +848,7 @@ impl Server {
             r#"[server]
 listen = "127.0.0.1:0"
 data_dir = "{data}"
-
+{server_extra}
 [github]
 api_url = "{github_api}"
 webhook_secret_file = "{secret}"
@@ -743,7 +864,7 @@ branches = ["main"]
 name = "busybox"
 provider = "sandbox"
 image = "{image}"
-max_jobs = 2
+max_jobs = {max_jobs}
 limits = {{ memory = "256MiB", pids = 256, timeout = "2m" }}
 
 [[pipeline]]
@@ -1193,6 +1314,121 @@ fn print_table(r: &Report) {
             "all stored".into(),
             met(g.all_stored),
         ]);
+    }
+    match &r.claims {
+        Some(Outcome::Skipped { skipped }) => {
+            rows.push([
+                "claims: skipped".into(),
+                skipped.clone(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        Some(Outcome::Ran(c)) => {
+            let each: Vec<String> = c
+                .rounds
+                .iter()
+                .map(|r| format!("{:.0}", r.claims_per_s))
+                .collect();
+            rows.push([
+                format!(
+                    "claims: {} jobs, {} pools, 2 replicas x {} claimers",
+                    c.jobs, c.pools, c.claimers_per_replica
+                ),
+                format!(
+                    "median {:.0}/s (rounds {}/s), split {} / {}",
+                    c.claims_per_s,
+                    each.join(", "),
+                    c.per_replica[0],
+                    c.per_replica[1]
+                ),
+                format!(">= {:.0}/s", c.target_claims_per_s),
+                met(c.claims_per_s >= c.target_claims_per_s),
+            ]);
+            rows.push([
+                "  one claim's latency".into(),
+                ms(&c.claim_ms),
+                String::new(),
+                String::new(),
+            ]);
+            rows.push([
+                "  double claims / unclaimed / db agrees".into(),
+                format!("{} / {} / {}", c.double_claims, c.unclaimed, c.db_verified),
+                "0 / 0 / true".into(),
+                met(c.double_claims == 0 && c.unclaimed == 0 && c.db_verified),
+            ]);
+        }
+        None => {}
+    }
+    match &r.replicas {
+        Some(Outcome::Skipped { skipped }) => {
+            rows.push([
+                "replicas: skipped".into(),
+                skipped.clone(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        Some(Outcome::Ran(x)) => {
+            for run in &x.runs {
+                let split: Vec<String> = run.per_replica.iter().map(|n| n.to_string()).collect();
+                rows.push([
+                    format!(
+                        "{} replica(s) x max_jobs {}, {} `true` jobs",
+                        run.replicas, x.max_jobs_per_replica, run.jobs
+                    ),
+                    format!(
+                        "{:.0} jobs/min ({:.1} s), split {}",
+                        run.jobs_per_min,
+                        run.seconds,
+                        split.join(" / ")
+                    ),
+                    "each once".into(),
+                    met(run.all_once),
+                ]);
+                rows.push([
+                    "  host CPU busy / CPU s per job (slate, children, postgres)".into(),
+                    format!(
+                        "{:.0} % / {:.3}, {:.3}, {:.3} s; load {:.1}",
+                        run.host_cpu_busy * 100.0,
+                        run.cpu_s_per_job_self,
+                        run.cpu_s_per_job_children,
+                        run.cpu_s_per_job_postgres,
+                        run.loadavg_1m
+                    ),
+                    String::new(),
+                    String::new(),
+                ]);
+                rows.push([
+                    "  submits: mean round trip / last one back".into(),
+                    format!("{:.1} ms / {:.2} s", run.submit_ms_mean, run.submits_done_s),
+                    String::new(),
+                    String::new(),
+                ]);
+                rows.push([
+                    "  mean created -> running (db)".into(),
+                    format!("{:.1} ms", run.created_to_running_ms_mean),
+                    String::new(),
+                    String::new(),
+                ]);
+                rows.push([
+                    "  mean provision / job (metrics) / running (db)".into(),
+                    format!(
+                        "{:.1} ms / {:.1} ms / {:.1} ms",
+                        run.provision_ms_mean, run.job_ms_mean, run.running_ms_mean
+                    ),
+                    String::new(),
+                    String::new(),
+                ]);
+            }
+            rows.push([
+                "  two replicas over one".into(),
+                format!("{:.2}x", x.speedup),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        None => {}
     }
     let header = [
         "figure".to_string(),
