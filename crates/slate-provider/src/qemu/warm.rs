@@ -274,13 +274,7 @@ impl QemuProvider {
         };
         for vm in dead {
             tracing::info!(pool, worker = %vm.name, "idle warm vm exited or its image changed, replacing it");
-            let name = vm.name.clone();
-            self.running
-                .lock()
-                .expect("running map poisoned")
-                .insert(name.clone(), vm.running);
-            let _ = self.destroy_inner(&name).await;
-            self.warm.owned.lock().expect("poisoned").remove(&name);
+            self.discard_warm(vm).await;
         }
     }
 
@@ -572,7 +566,7 @@ impl QemuProvider {
         })
     }
 
-    /// Destroys a warm VM that was taken but not bound.
+    /// Destroys a warm VM that is out of the pool and not bound to a job.
     async fn discard_warm(&self, vm: WarmVm) {
         let name = vm.name.clone();
         self.running
