@@ -25,7 +25,15 @@ while [ -z "$token" ]; do
     fi
 done
 
+fingerprint=${SLATE_FINGERPRINT:-}
+if [ -n "${SLATE_FINGERPRINT_FILE:-}" ] && [ -r "$SLATE_FINGERPRINT_FILE" ]; then
+    fingerprint=$(cat "$SLATE_FINGERPRINT_FILE")
+fi
+
 set -- --connect "$SLATE_CONNECT"
+if [ -n "$fingerprint" ]; then
+    set -- "$@" --fingerprint "$fingerprint"
+fi
 if [ -n "${SLATE_HEARTBEAT_MS:-}" ]; then
     set -- "$@" --heartbeat-ms "$SLATE_HEARTBEAT_MS"
 fi

@@ -9,6 +9,7 @@
 mod link;
 mod step;
 mod sys;
+mod tls;
 mod transport;
 
 use link::{Handshake, Link, Lost};
@@ -26,6 +27,9 @@ const EXIT_USAGE: u8 = 4;
 /// The environment variable that carries the job's one-time token.
 const TOKEN_VAR: &str = "SLATE_AGENT_TOKEN";
 
+/// The environment variable that carries the server certificate's fingerprint (`tls:`).
+const FINGERPRINT_VAR: &str = "SLATE_AGENT_FINGERPRINT";
+
 /// How long the first connection is retried (the socket may not exist yet).
 const CONNECT_FOR: Duration = Duration::from_secs(10);
 
@@ -33,13 +37,16 @@ const CONNECT_FOR: Duration = Duration::from_secs(10);
 const FINAL_ACK_WAIT: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "\
-usage: slate-agent --connect ADDR [--heartbeat-ms N] [--prepare PATH]
+usage: slate-agent --connect ADDR [--fingerprint FP] [--heartbeat-ms N] [--prepare PATH]
 
 Dials the slate server, authenticates with the job token in $SLATE_AGENT_TOKEN,
 runs the job's steps and streams their output.
 
-  --connect ADDR     unix:PATH | tcp:HOST:PORT | /dev/PATH (a character device,
+  --connect ADDR     unix:PATH | tls:HOST:PORT | tcp:HOST:PORT (plaintext, only
+                     where the pool allows it) | /dev/PATH (a character device,
                      e.g. a virtio-serial port)
+  --fingerprint FP   the server certificate's sha256:HEX fingerprint, which a
+                     tls: address pins (default $SLATE_AGENT_FINGERPRINT)
   --heartbeat-ms N   interval of heartbeats (default 5000)
   --prepare PATH     run PATH once the job is known, before its first step (a VM
                      mounts the job's source and caches there: a warm VM boots
@@ -66,6 +73,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, String> 
     let mut connect = None;
     let mut heartbeat = Duration::from_secs(5);
     let mut prepare = None;
+    let mut fingerprint = None;
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
             Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
@@ -87,10 +95,15 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, String> 
                 heartbeat = Duration::from_millis(ms.max(1));
             }
             "--prepare" => prepare = Some(value("--prepare")?.into()),
+            "--fingerprint" => fingerprint = Some(value("--fingerprint")?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    let connect = connect.ok_or("--connect is required")?;
+    let mut connect: Addr = connect.ok_or("--connect is required")?;
+    if let Some(fp) = fingerprint.or_else(|| std::env::var(FINGERPRINT_VAR).ok()) {
+        connect.pin(tls::Fingerprint::parse(fp.trim())?);
+    }
+    connect.check()?;
     Ok(Parsed::Run(Args {
         connect,
         heartbeat,
@@ -226,5 +239,12 @@ mod tests {
         assert!(parse(&[]).is_err());
         assert!(parse(&["--connect"]).is_err());
         assert!(parse(&["--connect", "unix:/s", "--bogus"]).is_err());
+        let fp = tls::Fingerprint::of(b"c").to_string();
+        let Ok(Parsed::Run(a)) = parse(&["--connect", "tls:1.2.3.4:5", "--fingerprint", &fp])
+        else {
+            panic!()
+        };
+        assert_eq!(a.connect.to_string(), "tls:1.2.3.4:5");
+        assert!(parse(&["--connect", "tls:1.2.3.4:5", "--fingerprint", "sha256:12"]).is_err());
     }
 }

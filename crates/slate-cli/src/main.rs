@@ -40,6 +40,13 @@ enum Command {
         #[arg(long, short, env = "SLATE_CONFIG", default_value = "slate.toml")]
         config: PathBuf,
     },
+    /// Print the SHA-256 fingerprint of the agent listener's certificate (`sha256:HEX`),
+    /// which remote agents pin (`SLATE_AGENT_FINGERPRINT`); generates the certificate into
+    /// the data dir if it does not exist yet, as `serve` would.
+    AgentFingerprint {
+        #[arg(long, short, env = "SLATE_CONFIG", default_value = "slate.toml")]
+        config: PathBuf,
+    },
     /// Enqueue a build of a branch head (the same path as a webhook).
     Submit {
         #[arg(long)]
@@ -197,6 +204,16 @@ async fn run(cli: Cli) -> Result<i32> {
                 c.pools.len(),
                 c.pipelines.len()
             );
+            Ok(0)
+        }
+        Command::AgentFingerprint { config } => {
+            let c = load_config(&config)?;
+            let tls = slate_server::tls::AgentTls::load_or_generate(
+                &c.server.data_dir,
+                c.server.agent_tls_cert.as_deref(),
+                c.server.agent_tls_key.as_deref(),
+            )?;
+            println!("{}", tls.fingerprint);
             Ok(0)
         }
         Command::Serve {

@@ -93,8 +93,13 @@ pub struct ServerConfig {
     /// Base URL used for links in statuses (defaults to `http://<listen>`).
     pub public_url: Option<String>,
     /// TCP address where agents on machines slate does not run itself (exec pools,
-    /// remote hosts) dial in; `None` disables it.
+    /// remote hosts) dial in; `None` disables it. Connections are TLS (1.3), except for
+    /// pools that set `insecure_plaintext`.
     pub agent_listen: Option<String>,
+    /// Certificate (PEM) the agent listener presents; with `agent_tls_key`. `None` means
+    /// one generated into `<data_dir>/tls/` on first start and kept.
+    pub agent_tls_cert: Option<PathBuf>,
+    pub agent_tls_key: Option<PathBuf>,
     /// This server's name among replicas sharing a PostgreSQL store (defaults to the host
     /// name and data dir); a replica restarted under the same name finds its leftovers.
     pub replica_id: Option<String>,
@@ -208,8 +213,12 @@ pub struct ExecHooks {
     pub timeout: Duration,
     pub destroy_retries: u32,
     pub retry_backoff: Duration,
-    /// What the machine's agent dials (`tcp:HOST:PORT`); defaults to `[server] agent_listen`.
+    /// What the machine's agent dials (`tls:HOST:PORT`); defaults to `[server]
+    /// agent_listen`.
     pub agent_url: Option<String>,
+    /// The pool's agents may speak plaintext TCP (`tcp:` URLs): the token, secrets and
+    /// logs travel in clear. Off unless the operator says so; the server warns at start.
+    pub insecure_plaintext: bool,
     /// Extra environment of every hook; values may be credentials.
     pub env: BTreeMap<String, String>,
 }
@@ -222,6 +231,7 @@ impl std::fmt::Debug for ExecHooks {
             .field("list", &self.list)
             .field("timeout", &self.timeout)
             .field("agent_url", &self.agent_url)
+            .field("insecure_plaintext", &self.insecure_plaintext)
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -457,6 +467,8 @@ struct RawServer {
     agent_binary: Option<PathBuf>,
     public_url: Option<String>,
     agent_listen: Option<Spanned<String>>,
+    agent_tls_cert: Option<Spanned<PathBuf>>,
+    agent_tls_key: Option<Spanned<PathBuf>>,
     replica_id: Option<String>,
     lease: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
@@ -523,7 +535,9 @@ struct RawExec {
     hook_timeout: Option<Spanned<String>>,
     destroy_retries: Option<u32>,
     retry_backoff: Option<Spanned<String>>,
-    agent_url: Option<String>,
+    agent_url: Option<Spanned<String>>,
+    #[serde(default)]
+    insecure_plaintext: bool,
     #[serde(default)]
     env: BTreeMap<String, String>,
 }
@@ -656,6 +670,19 @@ impl Validator<'_> {
                         );
                     }
                 }
+                match (&s.agent_tls_cert, &s.agent_tls_key) {
+                    (Some(c), None) => self.err(
+                        c.span(),
+                        "server.agent_tls_cert",
+                        "expected agent_tls_key too (a certificate needs its key)",
+                    ),
+                    (None, Some(k)) => self.err(
+                        k.span(),
+                        "server.agent_tls_key",
+                        "expected agent_tls_cert too (a key needs its certificate)",
+                    ),
+                    _ => {}
+                }
                 let lease = match &s.lease {
                     None => Duration::from_secs(30),
                     Some(t) => match parse_duration(t.get_ref()) {
@@ -686,6 +713,8 @@ impl Validator<'_> {
                     replica_id: s.replica_id,
                     lease,
                     agent_listen: s.agent_listen.map(Spanned::into_inner),
+                    agent_tls_cert: s.agent_tls_cert.map(Spanned::into_inner),
+                    agent_tls_key: s.agent_tls_key.map(Spanned::into_inner),
                     data_dir: s
                         .data_dir
                         .unwrap_or_else(|| PathBuf::from("/var/lib/slate")),
@@ -701,6 +730,8 @@ impl Validator<'_> {
                 agent_binary: None,
                 public_url: None,
                 agent_listen: None,
+                agent_tls_cert: None,
+                agent_tls_key: None,
                 replica_id: None,
                 lease: Duration::from_secs(30),
                 shutdown_grace: Duration::from_secs(60),
@@ -914,6 +945,33 @@ impl Validator<'_> {
                             "expected `create` and `destroy` commands (argv arrays)",
                         );
                     }
+                    if let Some(u) = &e.agent_url {
+                        let url = u.get_ref();
+                        let valid = ["tls:", "tcp:"].iter().any(|scheme| {
+                            url.strip_prefix(scheme)
+                                .and_then(|hp| hp.rsplit_once(':'))
+                                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                        });
+                        if !valid {
+                            self.err(
+                                u.span(),
+                                key("exec.agent_url"),
+                                format!("expected \"tls:HOST:PORT\", found {url:?}"),
+                            );
+                        } else if url.starts_with("tcp:") && !e.insecure_plaintext {
+                            self.err(
+                                u.span(),
+                                key("exec.agent_url"),
+                                "a tcp: agent url is plaintext (token, secrets and logs in clear): use tls:, or set insecure_plaintext = true in [pool.exec] to accept that",
+                            );
+                        } else if url.starts_with("tls:") && e.insecure_plaintext {
+                            self.err(
+                                u.span(),
+                                key("exec.insecure_plaintext"),
+                                "insecure_plaintext = true needs a tcp: agent url",
+                            );
+                        }
+                    }
                     Some(ExecHooks {
                         create: e.create.clone(),
                         destroy: e.destroy.clone(),
@@ -921,7 +979,8 @@ impl Validator<'_> {
                         timeout,
                         destroy_retries: e.destroy_retries.unwrap_or(5),
                         retry_backoff,
-                        agent_url: e.agent_url.clone(),
+                        agent_url: e.agent_url.as_ref().map(|u| u.get_ref().clone()),
+                        insecure_plaintext: e.insecure_plaintext,
                         env: e.env.clone(),
                     })
                 }
@@ -1689,6 +1748,40 @@ steps = [{ name = "install", run = "mpbb install-port {port}" }]
         assert!(e.0[0].message.contains("create"), "{e}");
         let bad = text.replace("warm = 1", "warm = 1\nprovider_typo = 2");
         assert!(Config::parse(&bad, "x.toml").is_err());
+    }
+
+    #[test]
+    fn plaintext_agent_urls_need_an_explicit_opt_in_and_tls_files_come_in_pairs() {
+        let exec = |extra: &str| {
+            format!(
+                "[server]\nagent_listen = \"0.0.0.0:8081\"\n[[pool]]\nname = \"mac\"\nprovider = \"exec\"\nimage = \"m\"\n[pool.exec]\ncreate = [\"c\"]\ndestroy = [\"d\"]\n{extra}\n[[pipeline]]\nname = \"d\"\npools = [\"mac\"]\nsteps = [{{ name = \"s\", run = \"true\" }}]\n"
+            )
+        };
+        let c = Config::parse(&exec("agent_url = \"tls:10.0.0.1:8081\""), "x.toml").unwrap();
+        let hooks = c.pools[0].exec.as_ref().unwrap();
+        assert!(!hooks.insecure_plaintext);
+        let e = Config::parse(&exec("agent_url = \"tcp:10.0.0.1:8081\""), "x.toml").unwrap_err();
+        let e = &e.0[0];
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (10, "pool[0].exec.agent_url"),
+            "{e}"
+        );
+        assert!(e.message.contains("insecure_plaintext"), "{e}");
+        let c = Config::parse(
+            &exec("agent_url = \"tcp:10.0.0.1:8081\"\ninsecure_plaintext = true"),
+            "x.toml",
+        )
+        .unwrap();
+        assert!(c.pools[0].exec.as_ref().unwrap().insecure_plaintext);
+        let e = Config::parse(&exec("agent_url = \"10.0.0.1:8081\""), "x.toml").unwrap_err();
+        assert!(e.0[0].message.contains("tls:HOST:PORT"), "{e}");
+        let with_cert = exec("").replace(
+            "agent_listen = \"0.0.0.0:8081\"",
+            "agent_listen = \"0.0.0.0:8081\"\nagent_tls_cert = \"/etc/slate/agent.crt\"",
+        );
+        let e = Config::parse(&with_cert, "x.toml").unwrap_err();
+        assert_eq!(e.0[0].key, "server.agent_tls_cert", "{}", e);
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! Exec provider: workers made by operator hook scripts (Tart, vSphere…) whose agent dials back to the server over TCP.
+//! Exec provider: workers made by operator hook scripts (Tart, vSphere…) whose agent dials back to the server over TLS.
 //!
 //! For machines slate cannot create itself. Three operator commands do the work:
 //!
 //! - `create` gets the job in its environment (see [`ExecProvider`] for the variables),
 //!   makes the machine (a linked clone, an APFS clone…), starts it with the agent told to
-//!   dial `SLATE_AGENT_URL` with `SLATE_AGENT_TOKEN`, and exits 0 once the machine runs.
+//!   dial `SLATE_AGENT_URL` with `SLATE_AGENT_TOKEN`, pinning `SLATE_AGENT_FINGERPRINT`,
+//!   and exits 0 once the machine runs.
 //! - `destroy` gets `SLATE_WORKER` and removes that machine. It must treat "already gone"
 //!   as success: it is retried until it exits 0, and runs again after crashes.
 //! - `list` prints the names of the machines that exist, one a line; names that are not
@@ -64,9 +65,12 @@ pub struct ExecConfig {
     pub destroy_retries: u32,
     /// Wait before the first retry; doubled after each (at most a minute).
     pub retry_backoff: Duration,
-    /// What the agent dials, passed as `SLATE_AGENT_URL` (`tcp:HOST:PORT`): the server's
-    /// agent listener as the machine sees it.
+    /// What the agent dials, passed as `SLATE_AGENT_URL` (`tls:HOST:PORT`, or `tcp:` for a
+    /// pool that allows plaintext): the server's agent listener as the machine sees it.
     pub server_agent_url: String,
+    /// The fingerprint (`sha256:HEX`) of the listener's certificate, which the agent pins;
+    /// passed as `SLATE_AGENT_FINGERPRINT`.
+    pub server_agent_fingerprint: Option<String>,
     /// Extra environment for every hook (e.g. `GOVC_URL`). Values may be credentials:
     /// `Debug` shows only the keys.
     pub env: BTreeMap<String, String>,
@@ -98,6 +102,7 @@ impl Default for ExecConfig {
             destroy_retries: 5,
             retry_backoff: Duration::from_secs(2),
             server_agent_url: String::new(),
+            server_agent_fingerprint: None,
             env: BTreeMap::new(),
             caches: Vec::new(),
         }
@@ -114,6 +119,7 @@ impl fmt::Debug for ExecConfig {
             .field("destroy_retries", &self.destroy_retries)
             .field("retry_backoff", &self.retry_backoff)
             .field("server_agent_url", &self.server_agent_url)
+            .field("server_agent_fingerprint", &self.server_agent_fingerprint)
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("caches", &self.caches)
             .finish()
@@ -142,7 +148,8 @@ impl fmt::Display for Hook {
 /// The create hook's environment: `SLATE_JOB_ID`, `SLATE_WORKER` (`slate-<id>`),
 /// `SLATE_WORKER_DIR` (a private directory, removed after destroy), `SLATE_POOL`,
 /// `SLATE_IMAGE` (the pool's `image`, e.g. a VM template name), `SLATE_AGENT_URL`,
-/// `SLATE_AGENT_TOKEN` (one-time; never logged by slate), `SLATE_AGENT_BINARY` (host path
+/// `SLATE_AGENT_FINGERPRINT` (the server certificate's `sha256:HEX`, which the agent pins:
+/// `slate-agent` reads it from this variable), `SLATE_AGENT_TOKEN` (one-time; never logged by slate), `SLATE_AGENT_BINARY` (host path
 /// of the agent), `SLATE_AGENT_SOCKET` (the job's Unix socket, for hooks that run the
 /// agent on this host), `SLATE_SOURCE` (host path of the job's tree, when there is one),
 /// `SLATE_TIMEOUT_SECS`, `SLATE_CPUS` / `SLATE_MEMORY_BYTES` when the pool limits them, and
@@ -215,6 +222,9 @@ impl ExecProvider {
                 spec.limits.timeout.as_secs().to_string(),
             ),
         ]);
+        if let Some(fp) = &self.cfg.server_agent_fingerprint {
+            env.push(("SLATE_AGENT_FINGERPRINT".into(), fp.clone()));
+        }
         if !self.cfg.caches.is_empty() {
             let lines: Vec<String> = self
                 .cfg

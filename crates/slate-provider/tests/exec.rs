@@ -90,7 +90,8 @@ impl Fixture {
             hook_timeout: Duration::from_secs(20),
             destroy_retries: 3,
             retry_backoff: Duration::from_millis(20),
-            server_agent_url: "tcp:127.0.0.1:1".into(),
+            server_agent_url: "tls:127.0.0.1:1".into(),
+            server_agent_fingerprint: Some(format!("sha256:{}", "ab".repeat(32))),
             env: [(
                 "STATE".to_string(),
                 self.state().to_string_lossy().into_owned(),
@@ -260,7 +261,11 @@ async fn create_gets_the_job_list_sees_it_destroy_removes_it() {
         ("SLATE_WORKER_DIR", dir.display().to_string()),
         ("SLATE_POOL", "macos-14".into()),
         ("SLATE_IMAGE", fx.path("image").display().to_string()),
-        ("SLATE_AGENT_URL", "tcp:127.0.0.1:1".into()),
+        ("SLATE_AGENT_URL", "tls:127.0.0.1:1".into()),
+        (
+            "SLATE_AGENT_FINGERPRINT",
+            format!("sha256:{}", "ab".repeat(32)),
+        ),
         ("SLATE_AGENT_BINARY", "/usr/local/bin/slate-agent".into()),
         (
             "SLATE_AGENT_SOCKET",
@@ -593,6 +598,8 @@ echo "agent started"
         DESTROY,
     );
     cfg.server_agent_url = url.clone();
+    // This test's server is a plain socket: the agent is told tcp: and no pin.
+    cfg.server_agent_fingerprint = None;
     let p = fx.provider(cfg);
     let spec = fx.spec(agent);
     let name = spec.job_id.resource_name();

@@ -6,6 +6,12 @@
 //! deregisters when the job ends, so a token is accepted only while its job runs: a
 //! reconnect of the same agent is accepted (resending from its last acknowledged chunk),
 //! a token of another job, a wrong one, or one used after the job ended is refused.
+//!
+//! Over TCP the hello normally arrives inside TLS. A pool may allow plaintext
+//! (`insecure_plaintext`); for any other job a plaintext hello is refused, and if it
+//! carried the job's valid token, that token is revoked (it crossed the network in clear):
+//! the job's runner gives up the attempt as an infrastructure failure and the retry gets a
+//! fresh token.
 
 use sha2::{Digest, Sha256};
 use slate_core::JobId;
@@ -33,12 +39,25 @@ pub struct AgentLink {
 struct Registration {
     token_hash: [u8; 32],
     links: mpsc::Sender<AgentLink>,
+    /// The job's pool lets its agents speak plaintext TCP.
+    plaintext_ok: bool,
 }
 
 /// Jobs waiting for (or talking to) their agents.
 #[derive(Default)]
 pub struct AgentRegistry {
     jobs: Mutex<HashMap<JobId, Registration>>,
+    /// Why a job's token was revoked, for its runner's log.
+    revoked: Mutex<HashMap<JobId, String>>,
+}
+
+/// How a connection reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Local (Unix socket, virtio-serial) or TLS: the hello cannot be read on the way.
+    Private,
+    /// Plaintext TCP.
+    Plaintext,
 }
 
 /// A fresh job token: the job id, a dot, and 256 random bits in hex.
@@ -68,17 +87,32 @@ pub enum HelloError {
     NotHello,
     #[error("connection failed before hello: {0}")]
     Io(String),
+    #[error("plaintext tcp refused: this job's pool requires tls (set insecure_plaintext = true on the pool to allow it)")]
+    PlaintextRefused,
 }
 
 impl AgentRegistry {
     /// Register a job; connections presenting `token` are sent to the returned receiver.
+    /// Its agents must not use plaintext TCP.
     pub fn register(&self, job: JobId, token: &str) -> mpsc::Receiver<AgentLink> {
+        self.register_with(job, token, false)
+    }
+
+    /// Like [`register`](Self::register); `plaintext_ok` lets the job's agent use plaintext TCP.
+    pub fn register_with(
+        &self,
+        job: JobId,
+        token: &str,
+        plaintext_ok: bool,
+    ) -> mpsc::Receiver<AgentLink> {
         let (tx, rx) = mpsc::channel(4);
+        self.revoked.lock().unwrap().remove(&job);
         self.jobs.lock().unwrap().insert(
             job,
             Registration {
                 token_hash: token_hash(token),
                 links: tx,
+                plaintext_ok,
             },
         );
         rx
@@ -86,6 +120,12 @@ impl AgentRegistry {
 
     pub fn deregister(&self, job: JobId) {
         self.jobs.lock().unwrap().remove(&job);
+        self.revoked.lock().unwrap().remove(&job);
+    }
+
+    /// Why the job's token was revoked (its link channel then closes), if it was.
+    pub fn revoked(&self, job: JobId) -> Option<String> {
+        self.revoked.lock().unwrap().get(&job).cloned()
     }
 
     /// Read the hello of a new connection and route it to its job; refuse it otherwise.
@@ -94,9 +134,26 @@ impl AgentRegistry {
     /// starts; the guest's agent speaks once it has booted).
     pub async fn accept<R, W>(
         &self,
+        rd: R,
+        wr: W,
+        transport: &'static str,
+        hello_within: Duration,
+    ) -> Result<JobId, HelloError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        self.accept_on(rd, wr, transport, Channel::Private, hello_within)
+            .await
+    }
+
+    /// [`accept`](Self::accept) for a connection of the given channel.
+    pub async fn accept_on<R, W>(
+        &self,
         mut rd: R,
         mut wr: W,
         transport: &'static str,
+        channel: Channel,
         hello_within: Duration,
     ) -> Result<JobId, HelloError>
     where
@@ -119,7 +176,8 @@ impl AgentRegistry {
                 if protocol != PROTOCOL_VERSION {
                     Err(HelloError::Protocol(protocol))
                 } else {
-                    self.route(&token).map(|(job, tx)| (job, tx, resume_after))
+                    self.route(&token, channel)
+                        .map(|(job, tx)| (job, tx, resume_after))
                 }
             }
             _ => Err(HelloError::NotHello),
@@ -149,15 +207,36 @@ impl AgentRegistry {
         }
     }
 
-    fn route(&self, token: &str) -> Result<(JobId, mpsc::Sender<AgentLink>), HelloError> {
+    fn route(
+        &self,
+        token: &str,
+        channel: Channel,
+    ) -> Result<(JobId, mpsc::Sender<AgentLink>), HelloError> {
         let job = token
             .split_once('.')
             .and_then(|(id, _)| id.parse::<i64>().ok())
             .map(JobId)
             .ok_or(HelloError::BadToken)?;
-        let jobs = self.jobs.lock().unwrap();
+        let mut jobs = self.jobs.lock().unwrap();
         let reg = jobs.get(&job).ok_or(HelloError::BadToken)?;
-        if bool::from(reg.token_hash.ct_eq(&token_hash(token))) {
+        let valid = bool::from(reg.token_hash.ct_eq(&token_hash(token)));
+        if channel == Channel::Plaintext && !reg.plaintext_ok {
+            if valid {
+                // Whoever was on the path has read the token: it must not be good for a
+                // TLS connection either.
+                jobs.remove(&job);
+                self.revoked.lock().unwrap().insert(
+                    job,
+                    "the agent token was sent over plaintext tcp to a pool that requires tls: token revoked".into(),
+                );
+                tracing::warn!(
+                    job.id = job.0,
+                    "agent token presented over plaintext tcp: revoked"
+                );
+            }
+            return Err(HelloError::PlaintextRefused);
+        }
+        if valid {
             Ok((job, reg.links.clone()))
         } else {
             Err(HelloError::BadToken)
@@ -210,5 +289,60 @@ mod tests {
         assert_eq!(hello(&reg, &t1).await, Ok(JobId(1)));
         reg.deregister(JobId(1));
         assert_eq!(hello(&reg, &t1).await, Err(HelloError::BadToken));
+    }
+
+    async fn hello_on(
+        reg: &AgentRegistry,
+        token: &str,
+        channel: Channel,
+    ) -> Result<JobId, HelloError> {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (_crd, mut cwr) = tokio::io::split(client);
+        let (srd, swr) = tokio::io::split(server);
+        wf(
+            &mut cwr,
+            &AgentMsg::Hello {
+                protocol: PROTOCOL_VERSION,
+                token: token.into(),
+                agent_version: "t".into(),
+                resume_after: 0,
+            },
+        )
+        .await
+        .unwrap();
+        reg.accept_on(srd, swr, "test", channel, Duration::from_secs(5))
+            .await
+    }
+
+    #[tokio::test]
+    async fn plaintext_is_refused_unless_the_pool_allows_it_and_a_token_sent_in_clear_is_revoked() {
+        let reg = AgentRegistry::default();
+        let (t1, t2) = (new_token(JobId(1)), new_token(JobId(2)));
+        let mut rx1 = reg.register(JobId(1), &t1);
+        let mut rx2 = reg.register_with(JobId(2), &t2, true);
+        // A wrong token over plaintext changes nothing for job 1.
+        let forged = format!("1.{}", "0".repeat(64));
+        assert_eq!(
+            hello_on(&reg, &forged, Channel::Plaintext).await,
+            Err(HelloError::PlaintextRefused)
+        );
+        assert_eq!(reg.revoked(JobId(1)), None);
+        // The real token in clear: refused, and revoked for TLS too.
+        assert_eq!(
+            hello_on(&reg, &t1, Channel::Plaintext).await,
+            Err(HelloError::PlaintextRefused)
+        );
+        assert!(reg.revoked(JobId(1)).unwrap().contains("plaintext"));
+        assert_eq!(
+            hello_on(&reg, &t1, Channel::Private).await,
+            Err(HelloError::BadToken)
+        );
+        assert!(
+            rx1.recv().await.is_none(),
+            "the runner must see its channel close"
+        );
+        // A pool that opted in accepts plaintext.
+        assert_eq!(hello_on(&reg, &t2, Channel::Plaintext).await, Ok(JobId(2)));
+        assert!(rx2.recv().await.is_some());
     }
 }

@@ -47,7 +47,7 @@ pub enum StartError {
         cache: String,
         source_dir: PathBuf,
     },
-    #[error("pool {pool}: an exec pool's agents dial back over tcp: set [server] agent_listen or [pool.exec] agent_url")]
+    #[error("pool {pool}: an exec pool's agents dial back over tls: set [server] agent_listen or [pool.exec] agent_url")]
     NoAgentListener { pool: String },
     #[error("pool {pool}: {detail} (build it with `slate image build`)")]
     NamedImage { pool: String, detail: String },
@@ -55,6 +55,8 @@ pub enum StartError {
     Forge(String),
     #[error("secret {name}: {detail}")]
     NamedSecret { name: String, detail: String },
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Shared state of a running server.
@@ -94,6 +96,8 @@ pub struct App {
     pub draining: CancellationToken,
     /// Jobs waiting for their agents, by token.
     pub agents: crate::agents::AgentRegistry,
+    /// TLS of the agent listener (`[server] agent_listen`), with the fingerprint agents pin.
+    pub agent_tls: Option<crate::tls::AgentTls>,
     /// Shared caches: mirrors, PR layers, per-job overlays.
     pub caches: Arc<slate_cache::CacheManager>,
     /// The image version each running job was started on (pinned: a rebuild never
@@ -235,6 +239,15 @@ impl App {
             return Err(StartError::NoAgent(agent_binary));
         }
 
+        let agent_tls = match &config.server.agent_listen {
+            Some(_) => Some(crate::tls::AgentTls::load_or_generate(
+                &data_dir,
+                config.server.agent_tls_cert.as_deref(),
+                config.server.agent_tls_key.as_deref(),
+            )?),
+            None => None,
+        };
+
         let caches = Arc::new(
             slate_cache::CacheManager::new(data_dir.join("caches")).map_err(|e| {
                 StartError::DataDir {
@@ -331,9 +344,14 @@ impl App {
                 }
                 ProviderKind::Exec => {
                     let hooks = pool.exec.clone().expect("validated: exec pools have hooks");
+                    let scheme = if hooks.insecure_plaintext {
+                        "tcp"
+                    } else {
+                        "tls"
+                    };
                     let agent_url = match (&hooks.agent_url, &config.server.agent_listen) {
                         (Some(u), _) => u.clone(),
-                        (None, Some(l)) => format!("tcp:{l}"),
+                        (None, Some(l)) => format!("{scheme}:{l}"),
                         (None, None) => {
                             return Err(StartError::NoAgentListener {
                                 pool: pool.name.clone(),
@@ -348,6 +366,7 @@ impl App {
                         destroy_retries: hooks.destroy_retries,
                         retry_backoff: hooks.retry_backoff,
                         server_agent_url: agent_url,
+                        server_agent_fingerprint: agent_tls.as_ref().map(|t| t.fingerprint.clone()),
                         env: hooks.env,
                         caches: pool
                             .caches
@@ -417,6 +436,7 @@ impl App {
             shutdown: CancellationToken::new(),
             draining: CancellationToken::new(),
             agents: crate::agents::AgentRegistry::default(),
+            agent_tls,
             caches,
             images_in_use: Mutex::new(HashMap::new()),
             rebuilds: crate::images::Rebuilds::default(),

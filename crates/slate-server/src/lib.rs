@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod recovery;
 pub mod runner;
 pub mod scheduler;
+pub mod tls;
 pub mod ui;
 pub mod webhook;
 
@@ -80,7 +81,17 @@ pub async fn start(
     let agents_tcp = match &app.config.server.agent_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(addr = %l.local_addr()?, "agents may dial in over tcp");
+            let fingerprint = app
+                .agent_tls
+                .as_ref()
+                .map(|t| t.fingerprint.clone())
+                .unwrap_or_default();
+            tracing::info!(addr = %l.local_addr()?, %fingerprint, "agents may dial in over tls");
+            for pool in &app.config.pools {
+                if pool.exec.as_ref().is_some_and(|e| e.insecure_plaintext) {
+                    tracing::warn!(pool = %pool.name, "insecure_plaintext: this pool's agents speak plaintext tcp; their token, secrets and logs cross the network in clear");
+                }
+            }
             Some(tokio::spawn(runner::accept_tcp(app.clone(), l)))
         }
         None => None,

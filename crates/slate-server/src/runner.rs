@@ -404,7 +404,8 @@ async fn run(
         return Outcome::error(format!("storing agent token: {e}"));
     }
     // From here until the runner ends, connections presenting the token reach this job.
-    let mut links = app.agents.register(id, &token);
+    let plaintext_ok = pool.exec.as_ref().is_some_and(|e| e.insecure_plaintext);
+    let mut links = app.agents.register_with(id, &token, plaintext_ok);
     let _link_guard = LinkGuard {
         app: app.clone(),
         job: id,
@@ -489,7 +490,11 @@ async fn run(
     let link = tokio::select! {
         l = links.recv() => match l {
             Some(l) => l,
-            None => return Outcome::infra("agent registry closed"),
+            None => {
+                let why = app.agents.revoked(id).unwrap_or_else(|| "agent registry closed".into());
+                let _ = log.note(&why).await;
+                return Outcome::infra(why);
+            }
         },
         code = async { exited.wait_for(|v| v.is_some()).await.ok().and_then(|v| *v) } => {
             let tail = console_tail(&worker.console_log).await;
@@ -856,8 +861,12 @@ async fn accept_unix(app: Arc<App>, listener: UnixListener, hello_within: Durati
     }
 }
 
-/// Accept agents dialing in over TCP (machines slate does not run itself).
+/// Accept agents dialing in over TCP (machines slate does not run itself): TLS, or
+/// plaintext for pools that allow it; anything else is dropped with a log line and
+/// nothing recorded.
 pub async fn accept_tcp(app: Arc<App>, listener: tokio::net::TcpListener) {
+    /// How long a client has to start and finish its TLS handshake, then its hello.
+    const HELLO_WITHIN: Duration = Duration::from_secs(10);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -865,10 +874,24 @@ pub async fn accept_tcp(app: Arc<App>, listener: tokio::net::TcpListener) {
                     let _ = stream.set_nodelay(true);
                     let app = app.clone();
                     tokio::spawn(async move {
-                        let (rd, wr) = stream.into_split();
-                        match app.agents.accept(rd, wr, "tcp", Duration::from_secs(10)).await {
-                            Ok(job) => tracing::info!(job.id = job.0, %peer, "agent connected over tcp"),
-                            Err(e) => tracing::warn!(%peer, error = %e, "agent refused"),
+                        let Some(tls) = app.agent_tls.clone() else { return };
+                        let (rd, wr, channel, transport) = match tls.accept(stream, HELLO_WITHIN).await {
+                            Ok(crate::tls::Accepted::Tls(s)) => {
+                                let (r, w) = crate::tls::split(*s);
+                                (r, w, crate::agents::Channel::Private, "tls")
+                            }
+                            Ok(crate::tls::Accepted::Plaintext(s)) => {
+                                let (r, w) = crate::tls::split(s);
+                                (r, w, crate::agents::Channel::Plaintext, "plaintext tcp")
+                            }
+                            Err(e) => {
+                                tracing::warn!(%peer, error = %e, "agent connection dropped");
+                                return;
+                            }
+                        };
+                        match app.agents.accept_on(rd, wr, transport, channel, HELLO_WITHIN).await {
+                            Ok(job) => tracing::info!(job.id = job.0, %peer, transport, "agent connected"),
+                            Err(e) => tracing::warn!(%peer, transport, error = %e, "agent refused"),
                         }
                     });
                 }

@@ -3,6 +3,10 @@
 
 : "${GUEST_USER:=admin}"                      # account in the base image
 : "${GUEST_SSH_KEY:=/etc/slate/guest_ed25519}" # its public half is in the image
+# The base image's host key, as a known_hosts line `* ssh-ed25519 AAAA…` (every clone of
+# the image has it; the pattern matches whatever address the clone gets). Clones are
+# never trusted on first use.
+: "${GUEST_KNOWN_HOSTS:=/etc/slate/guest_known_hosts}"
 : "${GUEST_AGENT:=/usr/local/bin/slate-agent}" # agent preinstalled in the image
 : "${GUEST_WORKDIR:=/Users/admin/workspace}"   # must match the pool's `workdir`
 : "${NFS_SERVER:=}"                           # host exporting the caches' sources
@@ -11,8 +15,9 @@ log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 
 guest_ssh() {
     ip=$1; shift
-    ssh -i "$GUEST_SSH_KEY" -o BatchMode=yes -o StrictHostKeyChecking=no \
-        -o UserKnownHostsFile=/dev/null -o ConnectTimeout=5 -o LogLevel=ERROR \
+    ssh -i "$GUEST_SSH_KEY" -o BatchMode=yes -o IdentitiesOnly=yes \
+        -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$GUEST_KNOWN_HOSTS" \
+        -o GlobalKnownHostsFile=/dev/null -o ConnectTimeout=5 -o LogLevel=ERROR \
         "$GUEST_USER@$ip" "$@"
 }
 
@@ -63,11 +68,12 @@ mount_caches() {
     done
 }
 
-# Starts the agent in the guest. The token goes through ssh's stdin, so it is in no
-# command line on either side; the agent removes it from its environment at start.
+# Starts the agent in the guest, dialing back over TLS and pinning the server's
+# certificate. The token goes through ssh's stdin, so it is in no command line on either
+# side; the agent removes it from its environment at start.
 start_agent() {
     ip=$1
     printf '%s\n' "$SLATE_AGENT_TOKEN" | guest_ssh "$ip" \
         "read -r t; SLATE_AGENT_TOKEN=\$t nohup '$GUEST_AGENT' --connect '$SLATE_AGENT_URL' \
-         </dev/null >/tmp/slate-agent.log 2>&1 &"
+         --fingerprint '$SLATE_AGENT_FINGERPRINT' </dev/null >/tmp/slate-agent.log 2>&1 &"
 }
