@@ -243,14 +243,20 @@ impl Link {
 
     /// Queues one output chunk (at most `MAX_CHUNK` bytes) with the next sequence number.
     pub fn push_output(&self, step: u32, stream: Stream, data: &[u8]) {
-        let mut st = self.inner.lock();
-        let seq = st.last_seq + 1;
-        let msg = AgentMsg::Output {
+        self.push_numbered(|seq| AgentMsg::Output {
             seq,
             step,
             stream,
             data: data.to_vec(),
-        };
+        })
+    }
+
+    /// Queues a message of the output sequence (output, collected files) made by `make`
+    /// from the next sequence number: it is acknowledged and resent like output.
+    pub fn push_numbered(&self, make: impl FnOnce(u64) -> AgentMsg) {
+        let mut st = self.inner.lock();
+        let seq = st.last_seq + 1;
+        let msg = make(seq);
         let frame = match encode(&msg) {
             Ok(f) => f,
             Err(e) => {

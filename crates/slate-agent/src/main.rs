@@ -6,6 +6,7 @@
 //! Exit codes: 0 the job ran (even if steps failed), 2 rejected by the server,
 //! 3 connection lost, 4 usage error.
 
+mod collect;
 mod link;
 mod step;
 mod sys;
@@ -187,8 +188,14 @@ fn run(token: Option<String>) -> u8 {
         }
     };
 
+    // The caches as they were before any step: only what the job adds is sent back.
+    let before = collect::before(&job.collect);
     let code = match step::run_job(&job, &link) {
         JobEnd::Finished { success } => {
+            if !job.collect.is_empty() && link.cancel_reason().is_none() {
+                let (files, bytes) = collect::send(&job.collect, &before, &link);
+                eprintln!("slate-agent: sent back {files} files ({bytes} bytes)");
+            }
             link.push(&AgentMsg::Done { success });
             if link.finish(FINAL_ACK_WAIT) {
                 EXIT_OK

@@ -27,6 +27,23 @@ pub struct JobSpec {
     /// The whole environment of every step (the agent's own is not inherited).
     pub env: BTreeMap<String, String>,
     pub steps: Vec<StepSpec>,
+    /// Files the agent sends back after the steps, for workers whose files the server
+    /// cannot read itself (machines elsewhere): artifacts, and new files of caches.
+    #[serde(default)]
+    pub collect: Vec<CollectSpec>,
+}
+
+/// One set of files to send back after the steps, as [`AgentMsg::File`] chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectSpec {
+    /// Absolute directory in the worker the paths are relative to.
+    pub root: String,
+    /// Relative globs (`*` within a directory, `**` across them) of the files to send;
+    /// empty means every regular file that was not there before the first step (the new
+    /// files of a cache).
+    pub globs: Vec<String>,
+    /// Bytes sent at most; files that would pass it are not sent.
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +109,20 @@ pub enum AgentMsg {
         exit_code: Option<i32>,
         signal: Option<i32>,
         duration_ms: u64,
+    },
+    /// A piece of a collected file (regular files only, never through a symlink), in the
+    /// output sequence (so acknowledged and resent like output). A file is its chunks in
+    /// order, `offset` 0 first; `last` marks its end (an empty file is one such chunk).
+    File {
+        seq: u64,
+        /// Index into the job's `collect`.
+        collect: u32,
+        /// Relative to the collect's root, `/`-separated.
+        path: String,
+        offset: u64,
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+        last: bool,
     },
     /// All steps done (or the job stopped at a failing one).
     Done {

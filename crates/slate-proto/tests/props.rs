@@ -103,6 +103,7 @@ fn server_msg() -> impl Strategy<Value = ServerMsg> {
                     workdir,
                     env,
                     steps,
+                    collect: Vec::new(),
                 },
             }
         ),

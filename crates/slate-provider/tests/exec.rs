@@ -604,6 +604,7 @@ echo "agent started"
     let spec = fx.spec(agent);
     let name = spec.job_id.resource_name();
     let job = JobSpec {
+        collect: Vec::new(),
         job_id: spec.job_id.0,
         workdir: fx.path("source").to_string_lossy().into_owned(),
         env: [("GREETING".to_string(), "hello over tcp".to_string())].into(),

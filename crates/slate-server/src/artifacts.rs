@@ -219,11 +219,13 @@ pub(crate) async fn collect_for_job(app: &Arc<App>, job: &Job, log: &mut LogWrit
         .workdir
         .as_deref()
         .is_none_or(|w| w == slate_provider::WORKSPACE_DIR);
-    if kind != "sandbox" || !default_workdir {
+    if kind != "sandbox" {
+        // The agent sent them back (runner::remote_collects), and the log says so.
+        return;
+    }
+    if !default_workdir {
         let _ = log
-            .note(&format!(
-                "artifacts: not collected from {kind} workers yet (only sandbox workers with the default workdir)"
-            ))
+            .note("artifacts: not collected from a sandbox whose workdir is not the default")
             .await;
         return;
     }

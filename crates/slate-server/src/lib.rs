@@ -13,6 +13,7 @@ pub mod images;
 pub mod logs;
 pub mod metrics;
 pub mod recovery;
+pub mod remote_files;
 pub mod runner;
 pub mod scheduler;
 pub mod tls;

@@ -302,6 +302,7 @@ fn job_spec(
                 .unwrap_or_else(|| WORKSPACE_DIR.into()),
             env,
             steps,
+            collect: Vec::new(),
         },
         map,
     )
@@ -419,12 +420,19 @@ async fn run(
     // Shared caches: read-only mirrors and per-job overlays, mounted before the worker.
     let specs = cache_specs(&pool);
     let mut mounts = Vec::new();
+    let mut cache_mounts: Vec<(String, std::path::PathBuf, String, bool)> = Vec::new();
     if !specs.is_empty() {
         let caches = app.caches.clone();
         let ctx = cache_context(app, job, &build);
         match tokio::task::spawn_blocking(move || caches.prepare(&ctx, &specs)).await {
             Ok(Ok(prepared)) => {
                 for m in prepared {
+                    cache_mounts.push((
+                        m.cache.clone(),
+                        m.host_path.clone(),
+                        m.target.clone(),
+                        m.read_only,
+                    ));
                     mounts.push(slate_provider::WorkerMount {
                         host_path: m.host_path,
                         target: m.target,
@@ -546,7 +554,20 @@ async fn run(
     let planning = is_planning(job, &pipeline);
     let pipeline = job_pipeline(pipeline, job);
     let plan_output = std::sync::Mutex::new(Vec::new());
-    let (spec, step_map) = job_spec(app, &build, job, &pipeline);
+    let (mut spec, step_map) = job_spec(app, &build, job, &pipeline);
+    // What the agent sends back because this host cannot read the worker's disk.
+    let (collects, sinks) = remote_collects(
+        app,
+        job,
+        &build,
+        &pipeline,
+        &pool,
+        provider.kind(),
+        &spec.workdir,
+        &cache_mounts,
+    );
+    spec.collect = collects;
+    let files = std::sync::Mutex::new(crate::remote_files::Receiver::new(&spec.collect, sinks));
     // Steps that do not run for this event are recorded as skipped, so users see why.
     for (i, s) in pipeline.steps.iter().enumerate() {
         if !step_map.contains(&i) {
@@ -600,8 +621,14 @@ async fn run(
         cancel,
         deadline,
         plan_output: planning.then_some(&plan_output),
+        files: &files,
     };
     let outcome = converse(&ctx, log, link, &mut links, exited).await;
+    let received = std::mem::replace(
+        &mut *files.lock().unwrap(),
+        crate::remote_files::Receiver::new(&[], Vec::new()),
+    );
+    note_remote_files(log, &received).await;
     if planning && outcome.state == JobState::Succeeded {
         let out = plan_output.into_inner().unwrap_or_default();
         return crate::dynamic::add_planned_jobs(app, &build, job, &out, log).await;
@@ -627,6 +654,8 @@ struct Conversation<'a> {
     /// A planning job's plan step stdout goes here (capped).
     plan_output: Option<&'a std::sync::Mutex<Vec<u8>>>,
     spec: &'a JobSpec,
+    /// Where the files the agent sends back go.
+    files: &'a std::sync::Mutex<crate::remote_files::Receiver>,
     cancel: &'a CancellationToken,
     deadline: tokio::time::Instant,
 }
@@ -692,6 +721,16 @@ async fn converse(
                         return Outcome::infra(format!("agent output gap at chunk {}", last_seq + 1));
                     }
                     // seq <= last_seq: a resend of what is already stored; ignore.
+                }
+                Ok(AgentMsg::File { seq, collect, path, offset, data, last }) => {
+                    if seq == last_seq + 1 {
+                        ctx.files.lock().unwrap().chunk(collect, &path, offset, &data, last);
+                        last_seq = seq;
+                        let _ = write_frame(&mut link.wr, &ServerMsg::Ack { seq }).await;
+                    } else if seq > last_seq + 1 {
+                        let _ = log.note(&format!("output gap: expected chunk {}, got {seq}", last_seq + 1)).await;
+                        return Outcome::infra(format!("agent output gap at chunk {}", last_seq + 1));
+                    }
                 }
                 Ok(AgentMsg::StepStarted { step }) => {
                     let Some(&pi) = step_map.get(step as usize) else {
@@ -902,6 +941,95 @@ pub async fn accept_tcp(app: Arc<App>, listener: tokio::net::TcpListener) {
             },
             _ = app.shutdown.cancelled() => return,
         }
+    }
+}
+
+/// The files a job's agent sends back: its artifacts when the worker's disk is not on
+/// this host (every provider but the sandbox), and for exec pools the new files of each
+/// overlay cache whose files this build may promote (into its PR's layer, or the mirror
+/// for trusted builds), received into the job's host-side overlay of that cache.
+#[allow(clippy::too_many_arguments)]
+fn remote_collects(
+    app: &App,
+    job: &Job,
+    build: &Build,
+    pipeline: &PipelineConfig,
+    pool: &PoolConfig,
+    provider_kind: &str,
+    workdir: &str,
+    cache_mounts: &[(String, std::path::PathBuf, String, bool)],
+) -> (
+    Vec<slate_proto::CollectSpec>,
+    Vec<crate::remote_files::Sink>,
+) {
+    use crate::remote_files::Sink;
+    let (mut collects, mut sinks) = (Vec::new(), Vec::new());
+    if provider_kind == "sandbox" || is_planning(job, pipeline) {
+        return (collects, sinks);
+    }
+    let event = build.change.trigger.event_name();
+    let globs: Vec<String> = pipeline
+        .steps
+        .iter()
+        .filter(|s| s.runs_for(event))
+        .flat_map(|s| s.artifacts.iter().cloned())
+        .collect();
+    if !globs.is_empty() {
+        collects.push(slate_proto::CollectSpec {
+            root: workdir.to_string(),
+            globs,
+            max_bytes: pool.artifacts_limit,
+        });
+        sinks.push(Sink::Artifacts(crate::artifacts::job_dir(
+            &app.data_dir,
+            job.id,
+        )));
+    }
+    if provider_kind == "exec" {
+        let ctx = cache_context(app, job, build);
+        for c in &pool.caches {
+            use slate_core::config::{CacheMode, Promote};
+            let promotes = c.promote == Promote::Trusted && (ctx.pr.is_some() || ctx.trusted);
+            if c.mode != CacheMode::Overlay || !promotes {
+                continue;
+            }
+            let Some((_, merged, _, _)) = cache_mounts.iter().find(|m| m.0 == c.name) else {
+                continue;
+            };
+            collects.push(slate_proto::CollectSpec {
+                root: c.target.clone(),
+                globs: Vec::new(),
+                max_bytes: crate::remote_files::MAX_CACHE_BYTES,
+            });
+            sinks.push(Sink::Cache {
+                name: c.name.clone(),
+                merged: merged.clone(),
+            });
+        }
+    }
+    (collects, sinks)
+}
+
+/// Says in the job's log what came back from the worker.
+async fn note_remote_files(log: &mut LogWriter, files: &crate::remote_files::Receiver) {
+    use crate::remote_files::Sink;
+    for (sink, t) in files.sinks() {
+        let what = match sink {
+            Sink::Artifacts(_) => "artifacts".to_string(),
+            Sink::Cache { name, .. } => format!("cache {name}"),
+        };
+        let mut note = format!(
+            "{what}: {} files ({} bytes) received from the worker",
+            t.files, t.bytes
+        );
+        if !t.refused.is_empty() {
+            note.push_str(&format!(
+                ", {} refused: {}",
+                t.refused.len(),
+                t.refused.join("; ")
+            ));
+        }
+        let _ = log.note(&note).await;
     }
 }
 

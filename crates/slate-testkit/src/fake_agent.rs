@@ -36,6 +36,7 @@ pub async fn serve_one_job(
         return Err(format!("expected hello, got {hello:?}"));
     };
     let job = JobSpec {
+        collect: Vec::new(),
         job_id: 1,
         workdir: "/workspace".into(),
         env: BTreeMap::from([("PATH".into(), "/usr/local/bin:/bin:/sbin".into())]),

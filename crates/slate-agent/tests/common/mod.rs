@@ -61,6 +61,7 @@ impl Server {
 
     pub fn job(&self, steps: Vec<StepSpec>) -> JobSpec {
         JobSpec {
+            collect: Vec::new(),
             job_id: 42,
             workdir: self.workdir().to_string_lossy().into_owned(),
             env: BTreeMap::new(),

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -95,13 +95,18 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// (`slrw<job>`) with a veth to the host, its workdir a private bind mount of a copy of
 /// the job's source. While `<hooks>/hold` exists, create records the token and starts
 /// nothing (the test plays the hostile clients instead).
-struct Hooks {
+pub(crate) struct Hooks {
+    tag: u32,
     dir: tempfile::TempDir,
     workdir: PathBuf,
 }
 
 impl Hooks {
-    fn new(dial_port: u16) -> Hooks {
+    pub(crate) fn new(dial_port: u16) -> Hooks {
+        // Tests of this binary run at once, each with its own job ids from 1: the
+        // namespaces, veths and subnets carry the test's tag too.
+        static TAGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let tag = TAGS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir = tempfile::Builder::new()
             .prefix("slate-rw-hooks-")
             .tempdir()
@@ -121,24 +126,35 @@ printf '%s\n' "$SLATE_AGENT_TOKEN" > "{h}/tokens/$SLATE_WORKER.token"
 printf '%s\n' "$SLATE_AGENT_FINGERPRINT" > "{h}/fingerprint"
 printf '%s\n' "$SLATE_AGENT_URL" > "{h}/url"
 [ -e "{h}/hold" ] && exit 0
-net=$((id % 250))
-ns=slrw$id
+net=$((id % 60 * 4))
+ns=slrw{tag}x$id
 ip netns add $ns
 echo $ns > "$SLATE_WORKER_DIR/netns"
-ip link add vh$id type veth peer name vg$id
-ip link set vg$id netns $ns
-ip addr add 10.251.$net.1/30 dev vh$id
-ip link set vh$id up
-ip -n $ns addr add 10.251.$net.2/30 dev vg$id
-ip -n $ns link set vg$id up
+ip link add vh{tag}x$id type veth peer name vg{tag}x$id
+ip link set vg{tag}x$id netns $ns
+ip addr add 10.{subnet}.$net.1/30 dev vh{tag}x$id
+ip link set vh{tag}x$id up
+ip -n $ns addr add 10.{subnet}.$net.2/30 dev vg{tag}x$id
+ip -n $ns link set vg{tag}x$id up
 ip -n $ns link set lo up
 mkdir -p "$SLATE_WORKER_DIR/work"
 cp -a "$SLATE_SOURCE/." "$SLATE_WORKER_DIR/work/"
 # The agent is told the listener's url; it dials the recorder on the host side of the
 # veth instead (same scheme), which relays to the listener.
 scheme=${{SLATE_AGENT_URL%%:*}}
-setsid ip netns exec $ns unshare -m sh -c \
-  "mount --bind '$SLATE_WORKER_DIR/work' '{work}' && exec '{agent}' --connect $scheme:10.251.$net.1:{port} --heartbeat-ms 500" \
+inside="$SLATE_WORKER_DIR/inside.sh"
+echo "set -e" > "$inside"
+echo "mount --bind '$SLATE_WORKER_DIR/work' '{work}'" >> "$inside"
+# Each cache: a writable copy of its mirror at its target, private to this machine.
+tab=$(printf '\t')
+printf '%s\n' "${{SLATE_CACHES:-}}" | while IFS=$tab read -r name mode source target; do
+  [ -n "$name" ] || continue
+  mkdir -p "$SLATE_WORKER_DIR/cache-$name"
+  cp -a "$source/." "$SLATE_WORKER_DIR/cache-$name/"
+  echo "mount --bind '$SLATE_WORKER_DIR/cache-$name' '$target'" >> "$inside"
+done
+echo "exec '{agent}' --connect $scheme:10.{subnet}.$net.1:{port} --heartbeat-ms 500" >> "$inside"
+setsid ip netns exec $ns unshare -m sh "$inside" \
   </dev/null >>"$SLATE_WORKER_DIR/agent.log" 2>&1 &
 echo $! > "$SLATE_WORKER_DIR/agent.pid"
 "#,
@@ -146,6 +162,7 @@ echo $! > "$SLATE_WORKER_DIR/agent.pid"
                 work = workdir.display(),
                 agent = agent.display(),
                 port = dial_port,
+                subnet = 200 + tag,
             ),
         );
         write_script(
@@ -158,7 +175,7 @@ if pid=$(cat "$SLATE_WORKER_DIR/agent.pid" 2>/dev/null); then
     sleep 0.05
   done
 fi
-ip netns del "slrw$SLATE_JOB_ID" 2>/dev/null
+ns=$(cat "$SLATE_WORKER_DIR/netns" 2>/dev/null) && ip netns del "$ns" 2>/dev/null
 exit 0
 "#,
         );
@@ -166,14 +183,14 @@ exit 0
             &h.join("list.sh"),
             "#!/bin/sh\nfor d in slate-*; do [ -e \"$d\" ] && echo \"$d\"; done; exit 0\n",
         );
-        Hooks { dir, workdir }
+        Hooks { tag, dir, workdir }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
-    fn pool(&self, extra: &str) -> String {
+    pub(crate) fn pool(&self, extra: &str) -> String {
         format!(
             r#"workdir = "{work}"
 {extra}
@@ -211,7 +228,7 @@ list = ["/bin/sh", "{h}/list.sh"]
 }
 
 /// Opens PR `pr` and returns its first job's id.
-fn open_pr(s: &Slate, pr: u64, file: &str, content: &str) -> (i64, String) {
+pub(crate) fn open_pr(s: &Slate, pr: u64, file: &str, content: &str) -> (i64, String) {
     let branch = format!("b{pr}");
     let (base, head) = s.make_pr(pr, &branch, file, content);
     let (code, body) = s.webhook(
@@ -263,13 +280,17 @@ fn wait_log_line(s: &Slate, parts: &[&str]) {
     }
 }
 
-fn netns_left() -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with("slrw"))
-        .map(str::to_string)
-        .collect()
+impl Hooks {
+    /// Namespaces of this test's machines that still exist.
+    pub(crate) fn netns_left(&self) -> Vec<String> {
+        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        let prefix = format!("slrw{}x", self.tag);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 fn start(hooks: &Hooks, agent_port: u16, pool_extra: &str) -> Slate {
@@ -394,9 +415,9 @@ fn a_pr_builds_on_an_exec_pool_whose_agent_dials_back_over_tls_across_a_network(
 
     s.assert_no_leaks();
     assert!(
-        netns_left().is_empty(),
+        hooks.netns_left().is_empty(),
         "namespaces left: {:?}",
-        netns_left()
+        hooks.netns_left()
     );
     s.shutdown_clean();
 }
@@ -566,9 +587,9 @@ fn hostile_tls_clients_are_dropped_and_the_job_is_retried_as_an_infrastructure_f
 
     s.assert_no_leaks();
     assert!(
-        netns_left().is_empty(),
+        hooks.netns_left().is_empty(),
         "namespaces left: {:?}",
-        netns_left()
+        hooks.netns_left()
     );
     s.shutdown_clean();
 }
